@@ -1,0 +1,269 @@
+"""Frozen backbones: loaded quantized through ``from_pretrained``, truncated to the deepest tap, run without grad."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from transformers.utils import logging as hf_logging
+
+from fusion_llm.config import BackboneSpec, ConfigError
+
+logger = logging.getLogger(__name__)
+
+# Config keys that describe how a model was loaded or saved, not what it is.
+_VOLATILE_CONFIG_KEYS = {
+    "transformers_version", "_name_or_path", "name_or_path", "dtype", "torch_dtype", "quantization_config",
+    "use_cache", "output_hidden_states", "return_dict", "tie_last_hidden_states", "architectures",
+    "_attn_implementation_autoset", "output_attentions", "pad_token_id",
+}
+
+
+def config_fingerprint(config: PreTrainedConfig) -> str:
+    data = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    backend.pop("padding", None), backend.pop("truncation", None)  # runtime settings, not the tokenizer
+    return hashlib.sha256(json.dumps(backend, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def weights_fingerprint(model_dir: str) -> str | None:
+    """A cheap signature of local weight files (size + first and last 64 KiB of each); None for hub ids.
+
+    Two fine-tunes of one base share config and tokenizer; this tells them apart without hashing gigabytes.
+    """
+    files = sorted(Path(model_dir).glob("*.safetensors")) if Path(model_dir).is_dir() else []
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        digest.update(f"{f.name}:{size}".encode())
+        with f.open("rb") as fh:
+            digest.update(fh.read(1 << 16))
+            fh.seek(max(0, size - (1 << 16)))
+            digest.update(fh.read(1 << 16))
+    return digest.hexdigest()[:16]
+
+
+def quantization_config(spec: BackboneSpec) -> BitsAndBytesConfig | None:
+    """The `BitsAndBytesConfig` for a spec's quantization (None for ``none``)."""
+    dtype = getattr(torch, spec.compute_dtype)
+    if spec.quantization in ("nf4", "fp4"):
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=spec.quantization,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=True,
+        )
+    if spec.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def truncated_config(config: PreTrainedConfig, num_layers: int) -> PreTrainedConfig:
+    """A copy of ``config`` with only the first ``num_layers`` decoder layers (per-layer lists cut too)."""
+    config = copy.deepcopy(config)
+    text = config.get_text_config()
+    full = text.num_hidden_layers
+    text.num_hidden_layers = num_layers
+    for key in ("layer_types",):  # Gemma-2 alternates sliding / full attention per layer
+        value = getattr(text, key, None)
+        if isinstance(value, list) and len(value) == full:
+            setattr(text, key, value[:num_layers])
+    # hidden_states[-1] stays the last layer's output, not the final norm's: a tap means the same at any depth.
+    text.tie_last_hidden_states = False
+    return config
+
+
+@dataclass
+class FrozenBackbone:
+    """One loaded, frozen backbone with its own tokenizer.
+
+    Attributes:
+        spec: the `BackboneSpec` it was loaded from (with resolved layer count and width).
+        model: the decoder (``AutoModel``), truncated to ``spec.deepest_tap`` layers.
+        tokenizer: the backbone's own fast tokenizer (right padding).
+        fingerprint: ``{"config", "tokenizer", "weights"}`` hashes, compared when a head is loaded.
+        final_norm, lm_head: the frozen final norm and output layer, only for an LM anchor.
+    """
+
+    spec: BackboneSpec
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    fingerprint: dict
+    final_norm: torch.nn.Module | None = None
+    lm_head: torch.nn.Module | None = None
+    logit_softcap: float | None = None
+    _warned_truncation: bool = field(default=False, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def hidden_size(self) -> int:
+        return self.spec.hidden_size
+
+    @property
+    def max_length(self) -> int:
+        limits = [x for x in (self.spec.max_length, self.spec.max_position_embeddings) if x]
+        return min(limits) if limits else 2048
+
+    def tokenize(self, texts: list[str], max_length: int | None = None, **kwargs):
+        """Tokenize with this backbone's tokenizer, padded on the right, as PyTorch tensors."""
+        max_length = min(max_length or self.max_length, self.max_length)
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt", **kwargs)
+        if not self._warned_truncation and any(
+            len(ids) > max_length for ids in self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        ):
+            warnings.warn(f"backbone {self.name!r}: inputs longer than {max_length} tokens were truncated", stacklevel=2)
+            self._warned_truncation = True
+        return enc
+
+    @torch.no_grad()
+    def taps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Run the (truncated) backbone and return its tapped hidden states.
+
+        Args:
+            input_ids: (B, L) token ids in this backbone's vocabulary.
+            attention_mask: (B, L), 1 for real tokens.
+
+        Returns:
+            One tensor (B, L, hidden_size) per entry of ``spec.tap_layers``, in that order.
+        """
+        taps = self.spec.resolved_taps()
+        device = self.device
+        out = self.model(
+            input_ids=input_ids.to(device),
+            attention_mask=None if attention_mask is None else attention_mask.to(device),
+            output_hidden_states=taps,
+            use_cache=False,
+        )
+        return [out.hidden_states[t] for t in taps]
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The anchor's own output: final norm, LM head and (Gemma-2) logit soft-capping, on a pre-norm state.
+
+        Not under no_grad: the weights are frozen, but gradients flow through them to the fused residual.
+        """
+        if self.lm_head is None:
+            raise ValueError(f"backbone {self.name!r} was loaded without its LM head (load it with_lm_head=True)")
+        logits = self.lm_head(self.final_norm(hidden))
+        if self.logit_softcap:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """Truncation leaves the upper layers' weights unused on purpose: no load report, no progress bar."""
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+
+
+def _freeze(module: torch.nn.Module) -> None:
+    module.requires_grad_(False)
+    module.eval()
+
+
+def load_backbone(
+    spec: BackboneSpec,
+    *,
+    with_lm_head: bool = False,
+    device_map: dict | str | None = None,
+) -> FrozenBackbone:
+    """Load one backbone frozen, quantized as its spec says, truncated to its deepest tap.
+
+    Args:
+        spec: which model, taps and quantization.
+        with_lm_head: load through ``AutoModelForCausalLM`` and keep the final norm and LM head
+            (an LM anchor); the model is then kept at full depth.
+        device_map: passed to ``from_pretrained`` (e.g. ``{"": local_process_index}`` under DDP).
+
+    Returns:
+        A `FrozenBackbone`; ``spec`` gets its ``num_hidden_layers`` and ``hidden_size`` filled in.
+    """
+    spec = copy.deepcopy(spec)
+    try:
+        full_config = (
+            spec.load_model_config()
+            if spec.model_config_source() and Path(spec.model).is_dir()
+            else AutoConfig.from_pretrained(spec.model, revision=spec.revision)
+        )
+        tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or spec.model, revision=spec.revision)
+    except OSError as err:
+        raise ConfigError(
+            f"backbones[{spec.name!r}].model: cannot load {spec.model!r} ({str(err).splitlines()[0]})"
+        ) from None
+    if not tokenizer.is_fast:
+        raise ConfigError(f"backbones[{spec.name!r}].tokenizer: {type(tokenizer).__name__} is not a fast tokenizer")
+    spec.fill_from(full_config)
+    fingerprint = {
+        "config": config_fingerprint(full_config),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "weights": weights_fingerprint(spec.model),
+    }
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer.padding_side = "right"
+
+    depth = spec.num_hidden_layers if with_lm_head else spec.deepest_tap
+    config = truncated_config(full_config, max(depth, 1))
+    dtype = getattr(torch, spec.compute_dtype)
+    loader = AutoModelForCausalLM if with_lm_head else AutoModel
+    with _quiet_loading():
+        model = loader.from_pretrained(
+            spec.model,
+            config=config,
+            revision=spec.revision,
+            dtype=dtype,
+            quantization_config=quantization_config(spec),
+            device_map=device_map,
+        )
+    final_norm = lm_head = softcap = None
+    if with_lm_head:
+        lm_head = model.get_output_embeddings()
+        decoder = model.get_decoder()
+        final_norm = decoder.norm
+        softcap = getattr(config.get_text_config(), "final_logit_softcapping", None)
+        model = decoder
+    _freeze(model)
+    if lm_head is not None:
+        _freeze(lm_head)
+    if spec.deepest_tap == 0 and not with_lm_head:
+        logger.info("backbone %s is tapped at the embeddings only; one layer is kept so the model can run", spec.name)
+    return FrozenBackbone(spec, model, tokenizer, fingerprint, final_norm, lm_head, softcap)

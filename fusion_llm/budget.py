@@ -1,0 +1,192 @@
+"""Budget plan: parameters, storage and memory of a fused model, computed on the meta device (no weights).
+
+Storage per parameter:
+- Linear weights inside decoder layers at nf4/fp4: 4 bits + double-quantized block scales
+  (8-bit absmax per 64 weights + an fp32 scale per 256 blocks) = 4.127 bits;
+  at int8: 8 bits + an fp32 scale per output row; at ``none``: the compute dtype.
+- Embeddings, norms, biases and the LM head stay in the compute dtype (bitsandbytes does not
+  quantize them).
+
+"bf16-equivalent parameters" = stored bytes / 2: the number of bf16 parameters that would take the
+same memory. The limit (``FusionConfig.budget_limit``, default 8e9) applies to the frozen backbones
+as loaded (truncated) plus every trainable parameter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM
+
+from fusion_llm.config import BackboneSpec, ConfigError, FusionConfig
+
+NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+class BudgetError(ConfigError):
+    """The plan is over the configured budget; the message holds the table."""
+
+
+@dataclass
+class BackbonePlan:
+    name: str
+    model: str
+    quantization: str
+    total_params: int  # the full model as published
+    run_params: int  # what is kept and run after truncation
+    layers_run: int
+    num_layers: int
+    quantized_params: int
+    stored_bytes: float
+
+    @property
+    def bf16_equivalent(self) -> float:
+        return self.stored_bytes / 2
+
+
+@dataclass
+class Plan:
+    backbones: list[BackbonePlan]
+    trainable_params: int
+    limit: float
+    batch_size: int
+    seq_len: int
+    memory_bytes: float
+
+    @property
+    def total_bf16_equivalent(self) -> float:
+        return sum(b.bf16_equivalent for b in self.backbones) + self.trainable_params
+
+    @property
+    def within_budget(self) -> bool:
+        return self.total_bf16_equivalent <= self.limit
+
+    def table(self) -> str:
+        rows = [
+            "| backbone | quant | params (full) | params run | layers run | stored GB | bf16-equiv params |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for b in self.backbones:
+            rows.append(f"| {b.name} ({b.model}) | {b.quantization} | {b.total_params / 1e9:.3f}B | "
+                        f"{b.run_params / 1e9:.3f}B | {b.layers_run}/{b.num_layers} | {b.stored_bytes / 1e9:.2f} | "
+                        f"{b.bf16_equivalent / 1e9:.3f}B |")
+        rows.append(f"| trainable head | fp32 | | {self.trainable_params / 1e6:.2f}M | | "
+                    f"{self.trainable_params * 4 / 1e9:.3f} | {self.trainable_params / 1e9:.4f}B |")
+        total_full = sum(b.total_params for b in self.backbones)
+        verdict = "within" if self.within_budget else "OVER"
+        rows.append(f"| **total** | | {total_full / 1e9:.2f}B | | | | **{self.total_bf16_equivalent / 1e9:.3f}B** |")
+        return "\n".join(rows) + (
+            f"\n\nbudget: {self.total_bf16_equivalent / 1e9:.3f}B bf16-equivalent of {self.limit / 1e9:.1f}B limit: "
+            f"{verdict} budget\nestimated device memory at batch {self.batch_size} x {self.seq_len} tokens: "
+            f"{self.memory_bytes / 2**30:.2f} GiB"
+        )
+
+
+def _meta_model(spec: BackboneSpec, with_lm_head: bool) -> nn.Module:
+    config = spec.load_model_config()
+    spec.fill_from(config)
+    loader = AutoModelForCausalLM if with_lm_head else AutoModel
+    with torch.device("meta"):
+        return loader.from_config(config)
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    return decoder.layers
+
+
+def plan_backbone(spec: BackboneSpec, with_lm_head: bool = False) -> BackbonePlan:
+    """Parameters and storage of one backbone, from its config on the meta device."""
+    model = _meta_model(spec, with_lm_head)
+    layers = _decoder_layers(model)
+    depth = spec.num_hidden_layers if with_lm_head else spec.deepest_tap
+    dropped = {id(p) for layer in layers[depth:] for p in layer.parameters()}
+    quantizable = {id(m.weight) for layer in layers for m in layer.modules() if isinstance(m, nn.Linear)}
+    dtype_bytes = DTYPE_BYTES[spec.compute_dtype]
+    total = run = quantized = 0
+    stored = 0.0
+    seen = set()
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if id(p) in seen:  # tied weights count once
+                continue
+            seen.add(id(p))
+            n = p.numel()
+            total += n
+            if id(p) in dropped:
+                continue
+            run += n
+            if id(p) in quantizable and spec.quantization != "none":
+                quantized += n
+                if spec.quantization == "int8":
+                    stored += n + 4 * p.shape[0]
+                else:
+                    stored += n * NF4_BITS / 8
+            else:
+                stored += n * dtype_bytes
+    return BackbonePlan(spec.name, spec.model, spec.quantization, total, run, depth, spec.num_hidden_layers,
+                        quantized, stored)
+
+
+def trainable_parameters(config: FusionConfig) -> int:
+    """Parameters of the head the config describes (built on the meta device)."""
+    from fusion_llm.modeling import FusionHead
+
+    with torch.device("meta"):
+        head = FusionHead(config)
+    return sum(p.numel() for p in head.parameters())
+
+
+def _activation_bytes(spec: BackboneSpec, batch: int, seq: int, config, depth: int) -> float:
+    """Peak transient activation memory of one no-grad forward (documented upper estimate).
+
+    Per layer the residual stream, the MLP's two intermediate tensors and the attention scores are
+    alive at once; kept taps persist until the head runs.
+    """
+    text = config.get_text_config()
+    inter = getattr(text, "intermediate_size", 4 * spec.hidden_size)
+    heads = text.num_attention_heads
+    dtype_bytes = DTYPE_BYTES[spec.compute_dtype]
+    per_token = spec.hidden_size * (4 + len(spec.tap_layers)) + 2 * inter
+    return dtype_bytes * batch * (seq * per_token + heads * seq * seq) if depth else 0.0
+
+
+def plan(config: FusionConfig, batch_size: int = 8, seq_len: int = 512) -> Plan:
+    """The budget plan of a fused model, without loading any weights.
+
+    Args:
+        config: the fusion config (every backbone's config must be readable locally).
+        batch_size, seq_len: the shape for the memory estimate.
+
+    Returns:
+        A `Plan`; ``plan.table()`` renders it, ``plan.within_budget`` compares with the limit.
+    """
+    lm = config.head["kind"] == "lm"
+    plans, memory = [], 0.0
+    specs = config.backbone_specs
+    for spec in specs:
+        bp = plan_backbone(spec, with_lm_head=lm and spec.anchor)
+        config.set_backbone_fields(spec.name, num_hidden_layers=spec.num_hidden_layers, hidden_size=spec.hidden_size,
+                                   max_position_embeddings=spec.max_position_embeddings)
+        plans.append(bp)
+        memory += bp.stored_bytes + _activation_bytes(spec, batch_size, seq_len, spec.load_model_config(), bp.layers_run)
+        if lm and spec.anchor:
+            vocab = spec.load_model_config().get_text_config().vocab_size
+            memory += 3 * 4 * batch_size * seq_len * vocab  # fp32 logits, their softmax and gradient
+    trainable = trainable_parameters(config)
+    memory += trainable * (4 + 4 + 8)  # fp32 weights, gradients, AdamW moments
+    return Plan(plans, trainable, float(config.budget_limit), batch_size, seq_len, memory)
+
+
+def check_budget(config: FusionConfig) -> Plan | None:
+    """Raise `BudgetError` (with the table) when the config is over budget; None when it cannot be planned
+    because a backbone's config is only on the hub (it is then checked again after loading)."""
+    if any(s.model_config_source() is None for s in config.backbone_specs):
+        return None
+    result = plan(config)
+    if not result.within_budget:
+        raise BudgetError(f"budget_limit: the plan is over budget\n{result.table()}")
+    return result

@@ -1,0 +1,320 @@
+"""Configuration: one `BackboneSpec` per frozen backbone and the `FusionConfig` of a fused model.
+
+Tap index convention (``tap_layers``): index ``k`` selects ``hidden_states[k]`` of the backbone,
+where ``0`` is the embedding output and ``k`` the output of decoder layer ``k`` (1-based), so a
+model with ``L`` layers has taps ``0..L``. Negative indices count from the end of the *full*
+model: ``-1`` is layer ``L``. Taps are the residual stream *before* the final norm (the backbone is
+loaded with ``tie_last_hidden_states=False``), so a tap means the same thing whether or not the
+backbone is truncated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+
+QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+ADAPTER_KINDS = ("linear", "lowrank", "mlp")
+HEAD_KINDS = ("classification", "lm")
+POOLINGS = ("last", "mean")
+
+# Keys transformers itself passes to (or writes from) every PreTrainedConfig; accepted, not ours.
+_TRANSFORMERS_KEYS = {
+    "model_type", "name_or_path", "_name_or_path", "output_attentions", "attn_implementation",
+    "experts_implementation", "torch_dtype", "id2label", "label2id", "num_labels", "_commit_hash",
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field and the fix."""
+
+
+def _check_keys(where: str, given: dict, allowed: set[str]) -> None:
+    unknown = sorted(set(given) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(allowed)}")
+
+
+def _from_dict(cls, where: str, data: dict | Any):
+    """Build dataclass `cls` from a dict, refusing unknown keys with a message naming `where`."""
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    _check_keys(where, data, {f.name for f in dataclasses.fields(cls)})
+    try:
+        return cls(**data)
+    except TypeError as err:  # a missing required field
+        raise ConfigError(f"{where}: {err}") from None
+
+
+@dataclass
+class BackboneSpec:
+    """One frozen backbone and where it is tapped.
+
+    Args:
+        name: short unique name, used as a key for weights and features (e.g. ``"llama"``).
+        model: hub id or local ``from_pretrained`` directory.
+        revision: hub revision (commit, tag or branch); recorded in saved heads.
+        tokenizer: tokenizer path or id; defaults to ``model``.
+        tap_layers: hidden-state indices to tap (0 = embeddings, k = layer k, -1 = last layer).
+        quantization: ``nf4`` / ``fp4`` (bitsandbytes 4-bit), ``int8`` or ``none``.
+        compute_dtype: dtype the backbone computes in.
+        anchor: the backbone whose vocabulary an LM head predicts (exactly one for ``head.kind: lm``).
+        config_path: a local ``config.json`` describing the model, used by the budget plan and
+            validation when ``model`` is a hub id that is not available locally.
+        max_length: longest token sequence fed to this backbone (defaults to the model's maximum).
+        num_hidden_layers, hidden_size, max_position_embeddings: filled from the model's config
+            when it can be read; used to validate taps and to build the head without the backbone.
+    """
+
+    name: str
+    model: str
+    tap_layers: list[int] = field(default_factory=lambda: [-1])
+    revision: str | None = None
+    tokenizer: str | None = None
+    quantization: str = "nf4"
+    compute_dtype: str = "bfloat16"
+    anchor: bool = False
+    config_path: str | None = None
+    max_length: int | None = None
+    num_hidden_layers: int | None = None
+    hidden_size: int | None = None
+    max_position_embeddings: int | None = None
+
+    def __post_init__(self):
+        where = f"backbones[{self.name!r}]"
+        if not isinstance(self.name, str) or not self.name.isidentifier():
+            raise ConfigError(f"backbones: name {self.name!r} must be a short identifier like 'llama'")
+        if not self.model:
+            raise ConfigError(f"{where}.model: give a hub id or a local model directory")
+        if not isinstance(self.tap_layers, (list, tuple)) or not self.tap_layers:
+            raise ConfigError(f"{where}.tap_layers: give a non-empty list of layer indices, e.g. [8, -1]")
+        self.tap_layers = [int(t) for t in self.tap_layers]
+        if len(set(self.tap_layers)) != len(self.tap_layers):
+            raise ConfigError(f"{where}.tap_layers: {self.tap_layers} repeats a layer")
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"{where}.quantization: {self.quantization!r} is not one of {QUANTIZATIONS}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ConfigError(f"{where}.compute_dtype: {self.compute_dtype!r} is not one of {COMPUTE_DTYPES}")
+        if self.max_length is not None and self.max_length <= 0:
+            raise ConfigError(f"{where}.max_length: must be positive, got {self.max_length}")
+        if self.num_hidden_layers is None:
+            self.resolve_model_config()
+        if self.num_hidden_layers is not None:
+            self.resolved_taps()  # validates the range
+
+    def model_config_source(self) -> str | None:
+        """A local path whose config describes this backbone, or None when only the hub has it."""
+        if self.config_path:
+            return self.config_path
+        if (Path(self.model) / "config.json").is_file():
+            return self.model
+        return None
+
+    def load_model_config(self) -> PreTrainedConfig:
+        """The backbone's transformers config, read from local files only (never the network)."""
+        source = self.model_config_source()
+        try:
+            if source is None:
+                return AutoConfig.from_pretrained(self.model, revision=self.revision, local_files_only=True)
+            if source.endswith(".json"):
+                if not Path(source).is_file():
+                    raise ConfigError(f"backbones[{self.name!r}].config_path: {source} does not exist")
+                data = json.loads(Path(source).read_text())
+                return AutoConfig.for_model(**data)
+            return AutoConfig.from_pretrained(source)
+        except ConfigError:
+            raise
+        except (OSError, ValueError) as err:
+            raise ConfigError(
+                f"backbones[{self.name!r}]: cannot read the config of {self.model!r} "
+                f"({str(err).splitlines()[0]}); give a local directory or config_path"
+            ) from None
+
+    def resolve_model_config(self) -> None:
+        """Fill num_hidden_layers / hidden_size from the model's config when it is readable locally."""
+        source = self.model_config_source()
+        if source is None:
+            try:
+                cfg = AutoConfig.from_pretrained(self.model, revision=self.revision, local_files_only=True)
+            except (OSError, ValueError):
+                return  # validated later, when the backbone is loaded
+        else:
+            cfg = self.load_model_config()
+        self.fill_from(cfg)
+
+    def fill_from(self, cfg: PreTrainedConfig) -> None:
+        cfg = cfg.get_text_config()
+        self.num_hidden_layers = int(cfg.num_hidden_layers)
+        self.hidden_size = int(cfg.hidden_size)
+        self.max_position_embeddings = getattr(cfg, "max_position_embeddings", None)
+        self.resolved_taps()
+
+    def resolved_taps(self) -> list[int]:
+        """Tap indices made absolute (0..num_hidden_layers); raises ConfigError when out of range."""
+        if self.num_hidden_layers is None:
+            raise ConfigError(f"backbones[{self.name!r}]: the number of layers is unknown; give config_path")
+        n = self.num_hidden_layers
+        out = []
+        for tap in self.tap_layers:
+            if not -n <= tap <= n:
+                raise ConfigError(
+                    f"backbones[{self.name!r}].tap_layers: index {tap} is out of range for a "
+                    f"{n}-layer model (valid: 0..{n}, or -1..-{n} counting from the last layer)"
+                )
+            out.append(tap if tap >= 0 else n + 1 + tap)
+        if len(set(out)) != len(out):
+            raise ConfigError(f"backbones[{self.name!r}].tap_layers: {self.tap_layers} name the same layer twice")
+        return out
+
+    @property
+    def deepest_tap(self) -> int:
+        return max(self.resolved_taps())
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class AdapterSpec:
+    """How each tap is projected to ``shared_width``.
+
+    Args:
+        kind: ``linear``, ``lowrank`` (two linears through ``rank``) or ``mlp`` (through ``hidden``).
+        rank: inner width of ``lowrank``.
+        hidden: inner width of ``mlp`` (defaults to 2 x shared_width).
+        layer_norm: LayerNorm on the tap before projecting (taps are pre-norm residual streams).
+        dropout: dropout after the projection.
+    """
+
+    kind: str = "linear"
+    rank: int = 64
+    hidden: int | None = None
+    layer_norm: bool = True
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.kind not in ADAPTER_KINDS:
+            raise ConfigError(f"adapter.kind: {self.kind!r} is not one of {ADAPTER_KINDS}")
+        if self.rank <= 0:
+            raise ConfigError(f"adapter.rank: must be positive, got {self.rank}")
+        if self.hidden is not None and self.hidden <= 0:
+            raise ConfigError(f"adapter.hidden: must be positive, got {self.hidden}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"adapter.dropout: must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class HeadSpec:
+    """What the fused features predict.
+
+    Args:
+        kind: ``classification`` (a label per sequence) or ``lm`` (next token in the anchor's vocabulary).
+        num_labels: number of classes (classification).
+        pooling: per-backbone pooling of token features for classification: ``last`` non-pad token or ``mean``.
+        dropout: dropout before the output layer.
+    """
+
+    kind: str = "classification"
+    num_labels: int = 2
+    pooling: str = "last"
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.kind not in HEAD_KINDS:
+            raise ConfigError(f"head.kind: {self.kind!r} is not one of {HEAD_KINDS}")
+        if self.kind == "classification" and self.num_labels < 2:
+            raise ConfigError(f"head.num_labels: need at least 2 classes, got {self.num_labels}")
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"head.pooling: {self.pooling!r} is not one of {POOLINGS}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"head.dropout: must be in [0, 1), got {self.dropout}")
+
+
+@strict(accept_kwargs=True)
+class FusionConfig(PreTrainedConfig):
+    """Configuration of a fused model: the frozen backbones and the trainable head over them.
+
+    Args:
+        backbones: list of `BackboneSpec` (or dicts with its fields).
+        shared_width: width every adapted tap is projected to.
+        adapter: `AdapterSpec` fields.
+        fusion: ``{"method": name, **options}``; see ``fusion_llm.fusion.available_fusions()``.
+        head: `HeadSpec` fields.
+        budget_limit: limit on bf16-equivalent parameters (frozen storage + trainable), default 8e9.
+        fingerprints: ``{backbone name: hash of its config and tokenizer}``, written on save.
+    """
+
+    model_type = "fusion_llm"
+
+    backbones: list | None = None
+    shared_width: int = 256
+    adapter: dict | None = None
+    fusion: dict | None = None
+    head: dict | None = None
+    budget_limit: float = 8e9
+    fingerprints: dict | None = None
+
+    def __post_init__(self, **kwargs):
+        _check_keys("FusionConfig", kwargs, _TRANSFORMERS_KEYS)
+        super().__post_init__(**kwargs)
+        self.backbones = [
+            _from_dict(BackboneSpec, f"backbones[{i}]", b).to_dict() for i, b in enumerate(self.backbones or [])
+        ]
+        names = [b["name"] for b in self.backbones]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"backbones: duplicate name(s) {dupes}; give each backbone its own name")
+        models = [(b["model"], b["revision"]) for b in self.backbones]
+        dupe_models = sorted({m for m, r in models if models.count((m, r)) > 1})
+        if dupe_models:
+            raise ConfigError(f"backbones: model(s) {dupe_models} listed twice; tap several layers of one entry instead")
+        if self.shared_width is None or int(self.shared_width) <= 0:
+            raise ConfigError(f"shared_width: must be positive, got {self.shared_width}")
+        self.adapter = dataclasses.asdict(_from_dict(AdapterSpec, "adapter", self.adapter or {}))
+        self.head = dataclasses.asdict(_from_dict(HeadSpec, "head", self.head or {}))
+        self.fusion = dict(self.fusion or {"method": "concat"})
+        from fusion_llm.fusion import validate_fusion_options  # registry import is lazy: fusion imports config
+
+        self.fusion = validate_fusion_options(self.fusion)
+        if self.budget_limit is None or float(self.budget_limit) <= 0:
+            raise ConfigError(f"budget_limit: must be positive, got {self.budget_limit}")
+        if self.backbones:
+            anchors = [b["name"] for b in self.backbones if b["anchor"]]
+            if len(anchors) > 1:
+                raise ConfigError(f"backbones: only one anchor allowed, got {anchors}")
+            if self.head["kind"] == "lm" and not anchors:
+                raise ConfigError("backbones: head.kind 'lm' needs one backbone with anchor: true")
+
+    # Typed views of the stored dicts (the dicts are what config.json holds).
+    @property
+    def backbone_specs(self) -> list[BackboneSpec]:
+        return [BackboneSpec(**b) for b in self.backbones]
+
+    @property
+    def adapter_spec(self) -> AdapterSpec:
+        return AdapterSpec(**self.adapter)
+
+    @property
+    def head_spec(self) -> HeadSpec:
+        return HeadSpec(**self.head)
+
+    @property
+    def anchor_name(self) -> str | None:
+        return next((b["name"] for b in self.backbones if b["anchor"]), None)
+
+    def set_backbone_fields(self, name: str, **values) -> None:
+        """Update resolved fields of one backbone (after loading it)."""
+        for b in self.backbones:
+            if b["name"] == name:
+                b.update(values)
+                return
+        raise KeyError(name)

@@ -1,0 +1,252 @@
+"""`FusionHead` (the trainable part, a PreTrainedModel) and `FusionModel` (frozen backbones + head)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers.modeling_outputs import ModelOutput
+
+from fusion_llm.adapters import build_adapter
+from fusion_llm.backbones import FrozenBackbone, load_backbone
+from fusion_llm.config import ConfigError, FusionConfig
+from fusion_llm.fusion import build_fusion
+from fusion_llm.heads import AnchorResidualHead, ClassificationHead, pool
+
+
+@dataclass
+class FusionOutput(ModelOutput):
+    """``loss`` (when labels are given) and ``logits``: (B, num_labels) or (B, T, anchor vocab)."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
+def tap_key(name: str, layer: int) -> str:
+    """Module-dict key of one tap: backbone name and absolute layer index."""
+    return f"{name}_L{layer}"
+
+
+class FusionHead(PreTrainedModel):
+    """Everything that trains: one adapter per tap, the fusion method and the output head.
+
+    It never holds backbone weights; ``save_pretrained`` writes the config (which names the
+    backbones and their fingerprints) and these weights only.
+    """
+
+    config_class = FusionConfig
+    base_model_prefix = "fusion"
+    main_input_name = "features"
+
+    def __init__(self, config: FusionConfig):
+        super().__init__(config)
+        specs = config.backbone_specs
+        missing = [s.name for s in specs if s.hidden_size is None]
+        if missing:
+            raise ConfigError(f"backbones {missing}: hidden size unknown; load the backbones or give config_path")
+        width = config.shared_width
+        adapter = config.adapter_spec
+        self.taps = [(s.name, layer) for s in specs for layer in s.resolved_taps()]
+        self.adapters = nn.ModuleDict(
+            {tap_key(n, layer): build_adapter(adapter, s.hidden_size, width) for s in specs
+             for n, layer in [(s.name, t) for t in s.resolved_taps()]}
+        )
+        self.fusion = build_fusion(config.fusion, len(self.taps), width)
+        head = config.head_spec
+        if head.kind == "classification":
+            self.classifier = ClassificationHead(width, head.num_labels, head.dropout)
+        else:
+            anchor = next(s for s in specs if s.anchor)
+            # "Nothing settled yet" stands in for a source token at anchor positions that precede any.
+            self.nothing = nn.ParameterDict({
+                tap_key(s.name, layer): nn.Parameter(torch.randn(s.hidden_size) * 0.02)
+                for s in specs if not s.anchor for layer in s.resolved_taps()
+            })
+            self.residual = AnchorResidualHead(width, anchor.hidden_size, head.dropout)
+        self.post_init()
+        if head.kind == "lm":
+            self.residual.zero_init()  # post_init may have re-initialised it
+
+    def _init_weights(self, module):
+        """Keep PyTorch's default initialisation (and the zero-initialised residual)."""
+
+    def fuse(self, features: dict[str, list[torch.Tensor]]) -> torch.Tensor:
+        """Adapt every tap and fuse them.
+
+        Args:
+            features: backbone name -> its taps in ``tap_layers`` order, each (B, H) or (B, T, H).
+
+        Returns:
+            (B, W) or (B, T, W)
+        """
+        adapted = []
+        layers = {}
+        for name, layer in self.taps:
+            layers.setdefault(name, 0)
+            tap = features[name][layers[name]]
+            layers[name] += 1
+            adapted.append(self.adapters[tap_key(name, layer)](tap.to(self.dtype)))
+        return self.fusion(torch.stack(adapted, dim=-2))  # (..., N, W) -> (..., W)
+
+    def forward(self, features: dict[str, list[torch.Tensor]], labels: torch.Tensor | None = None) -> FusionOutput:
+        """Classification: pooled taps -> label logits (and cross-entropy loss with ``labels``).
+
+        For an LM head this returns the residual (B, T, anchor hidden) as ``logits``; `FusionModel`
+        adds it to the anchor's hidden state and applies the anchor's output layer.
+        """
+        fused = self.fuse(features)
+        if self.config.head["kind"] == "lm":
+            return FusionOutput(logits=self.residual(fused))
+        logits = self.classifier(fused)
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels.to(logits.device))
+        return FusionOutput(loss=loss, logits=logits)
+
+
+AutoConfig.register(FusionConfig.model_type, FusionConfig)
+AutoModel.register(FusionConfig, FusionHead)
+
+
+class FusionModel(nn.Module):
+    """Frozen backbones plus a trainable `FusionHead`.
+
+    The backbones are kept outside the module tree (``parameters()``, ``state_dict()`` and
+    ``.to()`` see the head only): they are frozen, quantized, and placed by ``from_pretrained``.
+    """
+
+    def __init__(self, config: FusionConfig, backbones: dict[str, FrozenBackbone], head: FusionHead | None = None):
+        super().__init__()
+        names = [b["name"] for b in config.backbones]
+        missing = [n for n in names if n not in backbones]
+        if missing:
+            raise ConfigError(f"backbones {missing} are named in the config but were not given")
+        for name in names:
+            self._check_fingerprint(config, backbones[name])
+            spec = backbones[name].spec
+            config.set_backbone_fields(name, num_hidden_layers=spec.num_hidden_layers, hidden_size=spec.hidden_size,
+                                       max_position_embeddings=spec.max_position_embeddings)
+        self.config = config
+        self._backbones = {n: backbones[n] for n in names}  # a plain dict: not submodules
+        self.head = head if head is not None else FusionHead(config)
+
+    @staticmethod
+    def _check_fingerprint(config: FusionConfig, backbone: FrozenBackbone) -> None:
+        expected = (config.fingerprints or {}).get(backbone.name)
+        if not expected:
+            return
+        for part in ("config", "tokenizer", "weights"):
+            want, got = expected.get(part), backbone.fingerprint.get(part)
+            if want and got and want != got:
+                raise ConfigError(
+                    f"backbone {backbone.name!r}: its {part} does not match the one this head was trained on "
+                    f"(fingerprint {got} != {want}); load the head onto the backbone it was trained with"
+                )
+
+    @property
+    def backbones(self) -> dict[str, FrozenBackbone]:
+        return self._backbones
+
+    @property
+    def anchor(self) -> FrozenBackbone | None:
+        name = self.config.anchor_name
+        return self._backbones[name] if name else None
+
+    # ---- construction -------------------------------------------------------------------------------
+    @staticmethod
+    def load_backbones(config: FusionConfig, device_map=None) -> dict[str, FrozenBackbone]:
+        """Load every backbone of ``config`` (the LM anchor with its LM head)."""
+        lm = config.head["kind"] == "lm"
+        return {
+            spec.name: load_backbone(spec, with_lm_head=lm and spec.anchor, device_map=device_map)
+            for spec in config.backbone_specs
+        }
+
+    @classmethod
+    def from_config(cls, config: FusionConfig, backbones: dict[str, FrozenBackbone] | None = None,
+                    device_map=None) -> "FusionModel":
+        """A new (untrained) fused model; loads the backbones unless given."""
+        from fusion_llm.budget import check_budget
+
+        check_budget(config)  # refuse an over-budget plan before anything heavy loads
+        backbones = backbones or cls.load_backbones(config, device_map)
+        return cls(config, backbones)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, backbones: dict[str, FrozenBackbone] | None = None,
+                        device_map=None) -> "FusionModel":
+        """Load a saved head and attach it to its backbones (loaded from the config, or given).
+
+        A backbone whose config, tokenizer or weights differ from the ones the head was trained on is refused.
+        """
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{path}: no saved fusion head here (config.json missing)")
+        config = FusionConfig.from_pretrained(path)
+        backbones = backbones or cls.load_backbones(config, device_map)
+        for name, backbone in backbones.items():
+            cls._check_fingerprint(config, backbone)
+        head = FusionHead.from_pretrained(path, config=config)
+        return cls(config, backbones, head)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write config.json (backbones, taps, quantization, fingerprints) and the head's weights only.
+
+        Atomic: written to a temporary folder beside ``path`` and renamed into place.
+        """
+        path = Path(path)
+        self.config.fingerprints = {n: b.fingerprint for n, b in self._backbones.items()}
+        self.head.config = self.config
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+        try:
+            self.head.save_pretrained(tmp)
+            old = path.with_name(f".{path.name}-old")
+            if path.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # ---- running ------------------------------------------------------------------------------------
+    def tokenize(self, texts: list[str], max_length: int | None = None) -> dict[str, dict[str, torch.Tensor]]:
+        """Each backbone's own tokenization of ``texts``: name -> {input_ids, attention_mask}."""
+        return {name: dict(b.tokenize(texts, max_length)) for name, b in self._backbones.items()}
+
+    @torch.no_grad()
+    def features(self, inputs: dict[str, dict[str, torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
+        """Frozen part of the classification path: each backbone's taps, pooled per sequence (B, H)."""
+        kind = self.config.head["pooling"]
+        out = {}
+        for name, backbone in self._backbones.items():
+            enc = inputs[name]
+            taps = backbone.taps(enc["input_ids"], enc["attention_mask"])
+            out[name] = [pool(t, enc["attention_mask"], kind).float() for t in taps]
+        return out
+
+    def forward(self, inputs: dict | None = None, labels: torch.Tensor | None = None,
+                features: dict[str, list[torch.Tensor]] | None = None, texts: list[str] | None = None) -> FusionOutput:
+        """Run the fused model.
+
+        Args:
+            inputs: name -> {input_ids, attention_mask} per backbone (see `tokenize`).
+            labels: (B,) class ids.
+            features: precomputed pooled taps (a feature cache); then no backbone runs.
+            texts: raw texts, tokenized here (convenience).
+        """
+        if self.config.head["kind"] == "lm":
+            raise ValueError("this is an LM fusion model: call it through FusionModel.lm_forward")
+        if features is None:
+            if inputs is None:
+                if texts is None:
+                    raise ValueError("give inputs, features or texts")
+                inputs = self.tokenize(texts)
+            features = self.features(inputs)
+        device = self.head.device
+        features = {n: [t.to(device) for t in taps] for n, taps in features.items()}
+        return self.head(features, labels=labels)
