@@ -24,7 +24,8 @@ from transformers import AutoTokenizer, Gemma2Config, LlamaConfig, MistralConfig
 
 from fusion_llm.paths import FAMILIES, standin_dir, tokenizer_dir
 
-# (config class, config values). Vocab sizes are the real models' (all multiples of 64).
+# (config class, config values). Vocab sizes are the real models' (all multiples of 64; Gemma uses
+# Gemma-3's 262208, since its tokenizer is the one we can fetch).
 STANDIN_CONFIGS: dict[str, tuple[type, dict]] = {
     "llama3": (LlamaConfig, dict(
         hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
@@ -39,7 +40,7 @@ STANDIN_CONFIGS: dict[str, tuple[type, dict]] = {
     )),
     "gemma2": (Gemma2Config, dict(
         hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=64, query_pre_attn_scalar=64, vocab_size=262144,
+        num_key_value_heads=1, head_dim=64, query_pre_attn_scalar=64, vocab_size=262208,
         max_position_embeddings=1024, sliding_window=128, bos_token_id=2, eos_token_id=1, pad_token_id=0,
         tie_word_embeddings=True,
     )),

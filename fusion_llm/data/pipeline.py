@@ -1,0 +1,137 @@
+"""From a `DataConfig` to tokenized `datasets` splits and padded batches, one tokenization per backbone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from datasets import Dataset, DatasetDict, load_dataset
+
+from fusion_llm.config import ConfigError
+from fusion_llm.runconfig import DataConfig
+
+_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+def load_raw(data: DataConfig) -> DatasetDict:
+    """The raw train / eval splits named by a data config (built-in task, local files or a HF dataset)."""
+    if data.task:
+        ds = _builtin_task(data)
+    elif data.files:
+        ds = _local_files(data)
+    else:
+        try:
+            ds = load_dataset(data.dataset, data.dataset_config)
+        except Exception as err:  # datasets raises many types for a missing / unreachable dataset
+            raise ConfigError(f"data.dataset: cannot load {data.dataset!r} ({str(err).splitlines()[0]})") from None
+    for key, split in (("train_split", data.train_split), ("eval_split", data.eval_split)):
+        if split not in ds:
+            raise ConfigError(f"data.{key}: no split {split!r}; available: {sorted(ds)}")
+    out = DatasetDict(train=ds[data.train_split], validation=ds[data.eval_split])
+    for split, cap in (("train", data.max_train_examples), ("validation", data.max_eval_examples)):
+        if cap is not None and len(out[split]) > cap:
+            out[split] = out[split].select(range(cap))
+        if len(out[split]) == 0:
+            raise ConfigError(f"data: the {split} split is empty; point data at a non-empty dataset")
+        for column in (data.text_column, data.label_column):
+            if column not in out[split].column_names:
+                raise ConfigError(f"data: column {column!r} missing in {split}; columns: {out[split].column_names} "
+                                  f"(set data.text_column / data.label_column)")
+    return out
+
+
+def _builtin_task(data: DataConfig) -> DatasetDict:
+    if data.task == "topics":
+        from fusion_llm.data.topics import topics_dataset
+
+        return topics_dataset(seed=data.seed)
+    from fusion_llm.data import grokking
+
+    if data.task in grokking.TASKS:
+        return grokking.build_task_dataset(data.task, seed=data.seed)
+    if data.task == "grokking_all":
+        return grokking.build_union_dataset(seed=data.seed)
+    raise ConfigError(f"data.task: unknown task {data.task!r}; known: topics, grokking_all, {', '.join(grokking.TASKS)}")
+
+
+def _local_files(data: DataConfig) -> DatasetDict:
+    if not isinstance(data.files, dict) or not data.files:
+        raise ConfigError("data.files: give a mapping split -> path, e.g. {train: data/train.jsonl}")
+    suffixes = set()
+    for split, path in data.files.items():
+        if not Path(path).is_file():
+            raise ConfigError(f"data.files.{split}: {path} does not exist")
+        suffixes.add(Path(path).suffix.lower())
+    if len(suffixes) != 1 or next(iter(suffixes)) not in _FILE_BUILDERS:
+        raise ConfigError(f"data.files: use one file type of {sorted(_FILE_BUILDERS)}, got {sorted(suffixes)}")
+    try:
+        return load_dataset(_FILE_BUILDERS[suffixes.pop()], data_files={k: str(v) for k, v in data.files.items()})
+    except Exception as err:
+        raise ConfigError(f"data.files: cannot read ({str(err).splitlines()[0]})") from None
+
+
+def check_labels(ds: DatasetDict, label_column: str, num_labels: int) -> None:
+    """Refuse labels outside 0..num_labels-1 (with the offending value)."""
+    for split in ds:
+        labels = ds[split][label_column]
+        bad = [x for x in labels if not isinstance(x, int) or not 0 <= x < num_labels]
+        if bad:
+            raise ConfigError(f"data.{label_column}: label {bad[0]!r} in {split} is outside 0..{num_labels - 1}; "
+                              f"set model.head.num_labels or fix the labels")
+
+
+def tokenize_splits(ds: DatasetDict, tokenizers: dict, text_column: str, label_column: str,
+                    max_lengths: dict[str, int]) -> DatasetDict:
+    """Tokenize every split with every backbone's own tokenizer (``Dataset.map``, cached by datasets).
+
+    Columns: ``{name}_input_ids`` per backbone and ``labels``.
+    """
+    truncated = {}
+
+    def encode(batch):
+        out = {"labels": batch[label_column]}
+        for name, tok in tokenizers.items():
+            ids = tok(batch[text_column], add_special_tokens=True)["input_ids"]
+            limit = max_lengths[name]
+            truncated[name] = truncated.get(name, 0) + sum(len(x) > limit for x in ids)
+            out[f"{name}_input_ids"] = [x[:limit] for x in ids]
+        return out
+
+    keep = set()
+    result = ds.map(encode, batched=True, remove_columns=[c for c in ds["train"].column_names if c not in keep],
+                    desc="tokenizing")
+    for name, count in truncated.items():
+        if count:
+            import warnings
+
+            warnings.warn(f"backbone {name!r}: {count} examples longer than {max_lengths[name]} tokens were truncated",
+                          stacklevel=2)
+    return result
+
+
+class Collator:
+    """Pads each backbone's ids on the right with its own pad id; returns the `FusionModel` input dict."""
+
+    def __init__(self, pad_ids: dict[str, int]):
+        self.pad_ids = pad_ids
+
+    def __call__(self, rows: list[dict]) -> dict:
+        batch = {"labels": torch.tensor([r["labels"] for r in rows])}
+        inputs = {}
+        for name, pad in self.pad_ids.items():
+            seqs = [r[f"{name}_input_ids"] for r in rows]
+            length = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), length), pad, dtype=torch.long)
+            mask = torch.zeros((len(seqs), length), dtype=torch.long)
+            for i, s in enumerate(seqs):
+                ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+                mask[i, : len(s)] = 1
+            inputs[name] = {"input_ids": ids, "attention_mask": mask}
+        batch["inputs"] = inputs
+        if "index" in rows[0]:
+            batch["index"] = torch.tensor([r["index"] for r in rows])
+        return batch
+
+
+def as_dataset(columns: dict) -> Dataset:
+    return Dataset.from_dict(columns)

@@ -1,0 +1,318 @@
+"""The training loop under accelerate: only the head is prepared; backbones are frozen and placed per process.
+
+Entry point: ``accelerate launch scripts/train_fusion.py --config configs/<x>.yaml [--train.lr 3e-4 ...]``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.tracking import GeneralTracker
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from fusion_llm.budget import check_budget
+from fusion_llm.config import ConfigError
+from fusion_llm.data.pipeline import Collator, check_labels, load_raw, tokenize_splits
+from fusion_llm.features import FeatureCache, collate_features
+from fusion_llm.metrics import load_metric
+from fusion_llm.modeling import FusionModel
+from fusion_llm.runconfig import RunConfig
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class JSONLTracker(GeneralTracker):
+    """An accelerate tracker that appends one JSON object per `log` call to ``<dir>/metrics.jsonl``."""
+
+    name = "jsonl"
+    requires_logging_directory = True
+    main_process_only = True
+
+    def __init__(self, run_name: str, logging_dir: str):
+        super().__init__()
+        self.path = Path(logging_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def tracker(self):
+        return self.path
+
+    def store_init_configuration(self, values: dict):
+        with self.path.open("a") as fh:
+            fh.write(json.dumps({"config": values}, default=str) + "\n")
+
+    def log(self, values: dict, step: int | None = None, **kwargs):
+        with self.path.open("a") as fh:
+            fh.write(json.dumps({"step": step, **values}, default=float) + "\n")
+
+
+def _tracker(kind: str, output_dir: Path):
+    if kind == "none":
+        return None
+    if kind in ("auto", "tensorboard"):
+        try:
+            import tensorboard  # noqa: F401
+
+            return "tensorboard"
+        except ImportError:
+            if kind == "tensorboard":
+                raise ConfigError("tracker: tensorboard is not installed; pip install tensorboard or use jsonl") from None
+    return JSONLTracker("fusion", str(output_dir / "logs"))
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a checkpoint appears only once fully written)."""
+    root = output_dir / "checkpoints"
+    found = [p for p in root.glob("step_*") if re.fullmatch(r"step_\d+", p.name)] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def _save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, run: RunConfig, keep: int) -> Path:
+    """`accelerator.save_state` into a temp folder, then rename: a kill mid-save leaves the older ones usable."""
+    root = output_dir / "checkpoints"
+    final = root / f"step_{step:06d}"
+    tmp = root / f".tmp_step_{step:06d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "run_config.yaml").write_text(yaml.safe_dump(run.to_dict(), sort_keys=False))
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+        os.replace(tmp, final)
+        for old in _checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _batches_per_epoch(n: int, batch_size: int, num_processes: int) -> int:
+    return max(1, math.ceil(n / (batch_size * num_processes)))
+
+
+def _epoch_loader(dataset, epoch: int, seed: int, batch_size: int, collate, accelerator: Accelerator):
+    """The epoch's DataLoader: a permutation fixed by (seed, epoch), sharded over processes by accelerate."""
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order = torch.randperm(len(dataset), generator=generator).tolist()
+    loader = DataLoader(torch.utils.data.Subset(dataset, order), batch_size=batch_size, collate_fn=collate,
+                        shuffle=False)
+    return accelerator.prepare_data_loader(loader)
+
+
+def _step_batch(model: FusionModel, batch: dict):
+    if "features" in batch:
+        return model(features=batch["features"], labels=batch["labels"])
+    return model(inputs=batch["inputs"], labels=batch["labels"])
+
+
+@torch.no_grad()
+def evaluate_model(model: FusionModel, loader, accelerator: Accelerator) -> dict:
+    """Accuracy and mean loss over the eval split (gathered across processes)."""
+    model.head.eval()
+    accuracy = load_metric("accuracy")
+    total_loss, count = 0.0, 0
+    for batch in loader:
+        out = _step_batch(model, batch)
+        logits = out.logits
+        losses = torch.nn.functional.cross_entropy(logits, batch["labels"].to(logits.device), reduction="none")
+        preds, refs, losses = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"].to(logits.device),
+                                                              losses))
+        accuracy.add_batch(predictions=preds.cpu().tolist(), references=refs.cpu().tolist())
+        total_loss += losses.sum().item()
+        count += losses.numel()
+    model.head.train()
+    return {"eval_loss": total_loss / max(count, 1), **{f"eval_{k}": v for k, v in accuracy.compute().items()}}
+
+
+def train(run: RunConfig, *, resume: bool = False, cache_features: bool | None = None,
+          stop_after: int | None = None, log=print) -> dict:
+    """Train a fusion head as ``run`` says; returns a summary (final metrics, paths, loss curve).
+
+    Args:
+        run: the validated run config.
+        resume: continue from the latest complete checkpoint in ``run.output_dir``.
+        cache_features: override ``run.train.cache_features``.
+        stop_after: stop (as if killed) after this many optimizer steps — for resume tests.
+    """
+    tcfg = run.train
+    cache_features = tcfg.cache_features if cache_features is None else cache_features
+    output_dir = Path(run.output_dir)
+    tracker = _tracker(run.tracker, output_dir)
+    accelerator = Accelerator(
+        mixed_precision=tcfg.mixed_precision,
+        gradient_accumulation_steps=tcfg.gradient_accumulation,
+        log_with=tracker,
+        project_dir=str(output_dir),
+    )
+    is_main = accelerator.is_main_process
+    if not resume and is_main and (output_dir / "head").exists():
+        raise ConfigError(f"output_dir: {output_dir} already holds a finished run; use --resume or a new output_dir")
+    set_seed(tcfg.seed)
+
+    config = run.fusion_config()
+    if config.head["kind"] != "classification":
+        raise ConfigError("model.head.kind: this trainer handles classification heads; LM heads train through "
+                          "the LM track (issue: token-level fusion)")
+    check_budget(config)
+    device_map = {"": accelerator.local_process_index} if torch.cuda.is_available() else None
+    model = FusionModel.from_config(config, device_map=device_map)
+
+    raw = load_raw(run.data)
+    check_labels(raw, run.data.label_column, config.head["num_labels"])
+    tokenizers = {n: b.tokenizer for n, b in model.backbones.items()}
+    max_lengths = {n: min(run.data.max_length, b.max_length) for n, b in model.backbones.items()}
+    with accelerator.main_process_first():
+        tokenized = tokenize_splits(raw, tokenizers, run.data.text_column, run.data.label_column, max_lengths)
+    collate = Collator({n: b.tokenizer.pad_token_id for n, b in model.backbones.items()})
+    train_set, eval_set = tokenized["train"], tokenized["validation"]
+    if cache_features:
+        cache = FeatureCache(output_dir.parent / "feature_cache", model, tcfg.cache_limit_gb * 1e9)
+        with accelerator.main_process_first():
+            train_set = cache.build(train_set, collate, log=log if is_main else (lambda *_: None))
+            eval_set = cache.build(eval_set, collate, log=log if is_main else (lambda *_: None))
+        collate = collate_features(model)
+
+    per_epoch = _batches_per_epoch(len(train_set), tcfg.batch_size, accelerator.num_processes)
+    updates_per_epoch = max(1, per_epoch // tcfg.gradient_accumulation)
+    max_steps = tcfg.max_steps or math.ceil(tcfg.epochs * updates_per_epoch)
+
+    optimizer = torch.optim.AdamW(model.head.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[tcfg.schedule]
+    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=tcfg.warmup_steps, num_training_steps=max_steps)
+    # Only the trainable head is prepared (wrapped in DDP when there are several processes).
+    head, optimizer, scheduler = accelerator.prepare(model.head, optimizer, scheduler)
+    model.head = head
+    eval_loader = accelerator.prepare_data_loader(DataLoader(eval_set, batch_size=tcfg.batch_size, collate_fn=collate))
+
+    step = 0
+    checkpoints = _checkpoints(output_dir)
+    if resume and checkpoints:
+        accelerator.load_state(str(checkpoints[-1]))
+        step = json.loads((checkpoints[-1] / "trainer_state.json").read_text())["step"]
+        log(f"resumed from {checkpoints[-1]} at step {step}")
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        _write_text_atomic(output_dir / "run_config.yaml", yaml.safe_dump(run.to_dict(), sort_keys=False))
+    accelerator.init_trackers("fusion", config={"output_dir": str(output_dir), **run.train.__dict__})
+
+    losses_path = output_dir / "train_losses.jsonl"
+    if is_main and not resume:
+        losses_path.unlink(missing_ok=True)
+    best, summary, history = None, {}, []
+    micro = step * tcfg.gradient_accumulation  # micro-batches consumed so far
+    progress = tqdm(total=max_steps, initial=step, disable=not is_main, desc="training", dynamic_ncols=True)
+    head.train()
+    started, seen = time.perf_counter(), 0
+    while step < max_steps:
+        epoch, offset = divmod(micro, per_epoch)
+        loader = _epoch_loader(train_set, epoch, tcfg.seed, tcfg.batch_size, collate, accelerator)
+        if offset:
+            loader = accelerator.skip_first_batches(loader, offset)
+        for batch in loader:
+            with accelerator.accumulate(head):
+                out = _step_batch(model, batch)
+                loss = out.loss
+                if not torch.isfinite(loss):
+                    last = _checkpoints(output_dir)
+                    raise NonFiniteLoss(f"the loss became {loss.item()} at step {step + 1}; last good checkpoint: "
+                                        f"{last[-1] if last else 'none'} (lower train.lr or check the data)")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and tcfg.grad_clip:
+                    accelerator.clip_grad_norm_(head.parameters(), tcfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            micro += 1
+            seen += batch["labels"].shape[0] * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
+            history.append(loss_value)
+            rate = seen / (time.perf_counter() - started)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_value:.4f}", ex_s=f"{rate:.1f}")
+            accelerator.log({"train_loss": loss_value, "lr": scheduler.get_last_lr()[0]}, step=step)
+            if is_main:
+                with losses_path.open("a") as fh:
+                    fh.write(json.dumps({"step": step, "loss": loss_value}) + "\n")
+            if step % tcfg.eval_every == 0 or step == max_steps:
+                summary = evaluate_model(model, eval_loader, accelerator)
+                accelerator.log(summary, step=step)
+                log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
+                if best is None or summary["eval_loss"] < best:
+                    best = summary["eval_loss"]
+                    if is_main:
+                        accelerator.unwrap_model(head).config = config
+                        _save_head(model, accelerator, output_dir / "best")
+            if step % tcfg.checkpoint_every == 0 and step < max_steps:
+                _save_checkpoint(accelerator, output_dir, step, run, tcfg.keep_checkpoints)
+            if stop_after is not None and step >= stop_after:
+                progress.close()
+                accelerator.end_training()
+                return {"stopped_at": step, "losses": history}
+            if step >= max_steps:
+                break
+    progress.close()
+    if is_main:
+        _save_head(model, accelerator, output_dir / "head")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return {"steps": step, "final": summary, "best_eval_loss": best, "losses": history,
+            "output": str(output_dir / "head"), "examples_per_second": seen / (time.perf_counter() - started),
+            "effective_batch": tcfg.batch_size * tcfg.gradient_accumulation * accelerator.num_processes}
+
+
+def _save_head(model: FusionModel, accelerator: Accelerator, path: Path) -> None:
+    """save_pretrained of the unwrapped head (atomic), with the resolved config beside it."""
+    wrapped = model.head
+    model.head = accelerator.unwrap_model(wrapped)
+    try:
+        model.save_pretrained(path)
+    finally:
+        model.head = wrapped
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from fusion_llm.runconfig import load_run_config
+
+    parser = argparse.ArgumentParser(
+        description="Train a fusion head over frozen backbones. Extra --section.key value pairs override the config.")
+    parser.add_argument("--config", default=None, help="run config YAML (default: configs/standins_4llm.yaml)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    parser.add_argument("--cache-features", action="store_true", help="train from a cache of backbone features")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        run = load_run_config(args.config, overrides)
+        summary = train(run, resume=args.resume, cache_features=args.cache_features or None)
+    except (ConfigError, NonFiniteLoss, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if summary.get("output"):
+        print(f"saved head to {summary['output']} (load with FusionModel.from_pretrained)")
+    return 0
