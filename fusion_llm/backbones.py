@@ -195,6 +195,18 @@ def _quiet_loading():
         hf_logging.enable_progress_bar()
 
 
+def _settle_quantized_layout(model: PreTrainedModel, spec: BackboneSpec) -> None:
+    """Run one token through a quantized CPU model right away.
+
+    bitsandbytes' CPU backend repacks 4-bit weights into its kernel's layout on the first forward
+    (``quant_state.packing_format_for_cpu``): a one-time change of representation, not of values.
+    Doing it at load time means the frozen state is final from here on (bit-identical through training).
+    """
+    if spec.quantization in ("nf4", "fp4") and model.device.type == "cpu":
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=False)
+
+
 def _freeze(module: torch.nn.Module) -> None:
     module.requires_grad_(False)
     module.eval()
@@ -264,6 +276,7 @@ def load_backbone(
     _freeze(model)
     if lm_head is not None:
         _freeze(lm_head)
+    _settle_quantized_layout(model, spec)
     if spec.deepest_tap == 0 and not with_lm_head:
         logger.info("backbone %s is tapped at the embeddings only; one layer is kept so the model can run", spec.name)
     return FrozenBackbone(spec, model, tokenizer, fingerprint, final_norm, lm_head, softcap)

@@ -1,0 +1,49 @@
+"""Shared fixtures: stand-ins are built once per session into the fusion_llm cache and loaded once."""
+
+import pytest
+import torch
+
+from fusion_llm.paths import FAMILIES, tokenizers_available
+
+NEEDS_TOKENIZERS = pytest.mark.skipif(
+    not tokenizers_available(),
+    reason="real tokenizers not fetched: run python scripts/fetch_tokenizers.py (.ci/run does)",
+)
+
+
+@pytest.fixture(scope="session")
+def standin_paths():
+    if not tokenizers_available():
+        pytest.skip("real tokenizers not fetched: run python scripts/fetch_tokenizers.py (.ci/run does)")
+    from fusion_llm.standins import build_standin
+
+    return {family: str(build_standin(family)) for family in FAMILIES}
+
+
+def backbone_dicts(paths, taps=(2, -1), quantization="nf4"):
+    names = {"llama3": "llama", "mistral": "mistral", "gemma2": "gemma", "phi3": "phi"}
+    return [dict(name=names[f], model=paths[f], tap_layers=list(taps), quantization=quantization,
+                 compute_dtype="float32", anchor=(f == "llama3")) for f in FAMILIES]
+
+
+@pytest.fixture(scope="session")
+def four_backbones(standin_paths):
+    """The four stand-ins loaded in 4-bit nf4, tapped at layers 2 and 4 (of 4)."""
+    from fusion_llm.config import FusionConfig
+    from fusion_llm.modeling import FusionModel
+
+    config = FusionConfig(backbones=backbone_dicts(standin_paths), shared_width=64, head={"num_labels": 4})
+    return FusionModel.load_backbones(config)
+
+
+@pytest.fixture(scope="session")
+def topics_batches(four_backbones):
+    """Tokenized topics examples for all four backbones: (inputs, labels) for train and eval."""
+    from fusion_llm.data.topics import topics_dataset
+
+    ds = topics_dataset(num_train=96, num_eval=32, seed=1)
+    out = {}
+    for split in ("train", "validation"):
+        texts, labels = list(ds[split]["text"]), torch.tensor(list(ds[split]["label"]))
+        out[split] = ({n: dict(b.tokenize(texts, 32)) for n, b in four_backbones.items()}, labels)
+    return out

@@ -1,0 +1,64 @@
+"""Frozen backbones: 4-bit through from_pretrained, truncated to the deepest tap, taps equal the full model's."""
+
+import bitsandbytes as bnb
+import pytest
+import torch
+
+from fusion_llm.backbones import load_backbone
+from fusion_llm.config import BackboneSpec, ConfigError
+from fusion_llm.paths import FAMILIES
+
+
+def test_standins_load_quantized_with_their_own_tokenizers(four_backbones):
+    widths = set()
+    for name, backbone in four_backbones.items():
+        assert any(isinstance(m, bnb.nn.Linear4bit) for m in backbone.model.modules()), name
+        assert backbone.tokenizer.is_fast
+        assert not any(p.requires_grad for p in backbone.model.parameters())
+        assert not backbone.model.training
+        widths.add(backbone.hidden_size)
+        # every Linear of a stand-in has dimensions that are multiples of 64 (bitsandbytes on CPU)
+        for m in backbone.model.modules():
+            if isinstance(m, (torch.nn.Linear, bnb.nn.Linear4bit)):
+                assert m.in_features % 64 == 0 and m.out_features % 64 == 0
+    assert len(widths) == 4  # one hidden size per family
+
+
+def test_truncated_backbone_runs_only_k_layers_and_holds_nothing_above(standin_paths):
+    spec = BackboneSpec(name="m", model=standin_paths["mistral"], tap_layers=[1, 2], compute_dtype="float32")
+    backbone = load_backbone(spec)
+    assert len(backbone.model.layers) == 2
+    assert not any(".layers.2." in k or k.startswith("layers.2.") or ".layers.3." in k
+                   for k in backbone.model.state_dict())
+    calls = []
+    hooks = [layer.register_forward_hook(lambda *_: calls.append(1)) for layer in backbone.model.layers]
+    enc = backbone.tokenize(["counting layer calls"])
+    taps = backbone.taps(enc["input_ids"], enc["attention_mask"])
+    for h in hooks:
+        h.remove()
+    assert len(calls) == 2
+    assert [t.shape[-1] for t in taps] == [192, 192]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_taps_equal_the_untruncated_models_hidden_states(standin_paths, family):
+    full = load_backbone(BackboneSpec(name="f", model=standin_paths[family], tap_layers=[0, 2, -1],
+                                      quantization="none", compute_dtype="float32"))
+    cut = load_backbone(BackboneSpec(name="c", model=standin_paths[family], tap_layers=[2],
+                                     quantization="none", compute_dtype="float32"))
+    enc = full.tokenize(["The same text, twice.", "short"])
+    full_taps = full.taps(enc["input_ids"], enc["attention_mask"])
+    (cut_tap,) = cut.taps(enc["input_ids"], enc["attention_mask"])
+    assert len(full.model.layers) == 4 and len(cut.model.layers) == 2
+    torch.testing.assert_close(cut_tap, full_taps[1], rtol=0, atol=0)
+    assert full_taps[0].shape == full_taps[2].shape
+
+
+def test_tap_out_of_range_for_the_loaded_model(standin_paths):
+    with pytest.raises(ConfigError, match="out of range for a 4-layer model"):
+        BackboneSpec(name="m", model=standin_paths["mistral"], tap_layers=[5])
+
+
+def test_missing_model_path_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="model"):
+        load_backbone(BackboneSpec(name="m", model=str(tmp_path / "nope"), tap_layers=[1], num_hidden_layers=4))

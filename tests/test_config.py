@@ -1,0 +1,90 @@
+"""Config validation: every shipped config loads; each bad value gives an error naming its field."""
+
+from pathlib import Path
+
+import pytest
+
+from fusion_llm.budget import plan
+from fusion_llm.config import ConfigError, FusionConfig
+from fusion_llm.fusion import available_fusions
+from fusion_llm.runconfig import load_run_config
+
+ROOT = Path(__file__).resolve().parent.parent
+LLAMA = str(ROOT / "configs/backbones/Meta-Llama-3-8B.json")
+GEMMA = str(ROOT / "configs/backbones/gemma-2-2b.json")
+
+
+def backbone(**kw):
+    return {"name": "llama", "model": "meta-llama/Meta-Llama-3-8B", "config_path": LLAMA, "tap_layers": [16, -1], **kw}
+
+
+def test_every_shipped_config_validates():
+    configs = sorted((ROOT / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        run = load_run_config(path)
+        assert run.fusion_config().backbones
+
+
+def test_real_four_model_plan_is_within_8b():
+    run = load_run_config(ROOT / "configs/fusion_4llm.yaml")
+    result = plan(run.fusion_config(), batch_size=1, seq_len=512)
+    assert result.within_budget
+    assert 6.5e9 < result.total_bf16_equivalent < 8e9
+    full = {b.name: b.total_params for b in result.backbones}
+    assert abs(full["llama"] - 8.03e9) / 8.03e9 < 0.01  # Llama-3-8B as published
+    assert abs(full["gemma"] - 2.61e9) / 2.61e9 < 0.01
+
+
+def test_truncation_shrinks_the_plan():
+    deep = FusionConfig(backbones=[backbone(tap_layers=[-1])])
+    half = FusionConfig(backbones=[backbone(tap_layers=[16])])
+    assert plan(half).backbones[0].run_params < 0.6 * plan(deep).backbones[0].run_params
+    assert plan(half).backbones[0].layers_run == 16
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"backbones": [backbone(tap_layers=[33])]}, "tap_layers"),
+    ({"backbones": [backbone(tap_layers=[-34])]}, "tap_layers"),
+    ({"backbones": [backbone(tap_layers=[])]}, "tap_layers"),
+    ({"backbones": [backbone(quantization="nf3")]}, "quantization"),
+    ({"backbones": [backbone(), backbone()]}, "duplicate"),
+    ({"backbones": [backbone(), backbone(name="other")]}, "listed twice"),
+    ({"backbones": [backbone(colour="red")]}, "unknown key"),
+    ({"backbones": [backbone()], "shared_width": 0}, "shared_width"),
+    ({"backbones": [backbone()], "shared_width": -4}, "shared_width"),
+    ({"backbones": [backbone()], "fusion": {"method": "nope"}}, "fusion.method"),
+    ({"backbones": [backbone()], "fusion": {"method": "concat", "hidden": 0}}, "fusion.hidden"),
+    ({"backbones": [backbone()], "fusion": {"method": "weighted", "heads": 2}}, "unknown option"),
+    ({"backbones": [backbone()], "adapter": {"kind": "huge"}}, "adapter.kind"),
+    ({"backbones": [backbone()], "head": {"kind": "lm"}}, "anchor"),
+    ({"backbones": [backbone()], "head": {"num_labels": 1}}, "head.num_labels"),
+    ({"backbones": [backbone()], "budget_limit": 0}, "budget_limit"),
+    ({"backbones": [backbone()], "shared_widht": 64}, "unknown key"),
+])
+def test_bad_config_names_the_field(kwargs, field):
+    with pytest.raises(ConfigError, match=field):
+        FusionConfig(**kwargs)
+
+
+def test_unknown_fusion_lists_the_known_ones():
+    with pytest.raises(ConfigError) as err:
+        FusionConfig(backbones=[backbone()], fusion={"method": "nope"})
+    for name in available_fusions():
+        assert name in str(err.value)
+    assert {"concat", "weighted", "gated", "attention"} <= set(available_fusions())
+
+
+def test_negative_taps_resolve_against_the_full_depth():
+    cfg = FusionConfig(backbones=[backbone(tap_layers=[0, 13, -1]), backbone(name="gemma", model="g", config_path=GEMMA,
+                                                                                tap_layers=[-1])])
+    specs = {s.name: s for s in cfg.backbone_specs}
+    assert specs["llama"].resolved_taps() == [0, 13, 32]
+    assert specs["gemma"].resolved_taps() == [26]
+
+
+def test_config_round_trips_through_save_pretrained(tmp_path):
+    cfg = FusionConfig(backbones=[backbone()], fusion={"method": "attention", "num_heads": 2}, shared_width=64)
+    cfg.save_pretrained(tmp_path)
+    again = FusionConfig.from_pretrained(tmp_path)
+    assert again.backbones == cfg.backbones and again.fusion == cfg.fusion and again.shared_width == 64

@@ -1,0 +1,154 @@
+"""FusionHead / FusionModel: frozen backbones, gradients only in the head, every fusion method learns,
+save -> load -> identical outputs, head-only files, fingerprints."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from fusion_llm.config import ConfigError, FusionConfig
+from fusion_llm.fusion import available_fusions, build_fusion
+from fusion_llm.modeling import FusionHead, FusionModel
+
+from conftest import backbone_dicts
+
+
+def frozen_snapshot(model):
+    """Every tensor that defines a backbone's weights, read without calling state_dict().
+
+    (bitsandbytes' CPU backend keeps 4-bit weights in its kernel's packed layout, and
+    Linear4bit.state_dict() converts them back and forth, which re-quantizes the block scales:
+    reading a state dict would itself change the model.)
+    """
+    out = {n: p.data.clone() for n, p in model.named_parameters()}
+    out.update({n: b.clone() for n, b in model.named_buffers()})
+    for n, m in model.named_modules():
+        state = getattr(getattr(m, "weight", None), "quant_state", None)
+        if state is not None:
+            out[n + ".absmax"] = state.absmax.clone()
+            if state.nested:
+                out[n + ".nested_absmax"] = state.state2.absmax.clone()
+    return out
+
+
+def make_model(four_backbones, standin_paths, **kw):
+    config = FusionConfig(backbones=backbone_dicts(standin_paths), shared_width=64, head={"num_labels": 4}, **kw)
+    torch.manual_seed(0)
+    return FusionModel(config, four_backbones)
+
+
+@pytest.mark.parametrize("method", ["concat", "weighted", "gated", "attention"])
+@pytest.mark.parametrize("lead", [(5,), (3, 7)])
+def test_fusion_output_shapes(method, lead):
+    fusion = build_fusion({"method": method}, num_inputs=6, width=32)
+    assert fusion(torch.randn(*lead, 6, 32)).shape == (*lead, 32)
+
+
+def test_only_the_head_trains_and_backbones_stay_bit_identical(four_backbones, standin_paths, topics_batches):
+    model = make_model(four_backbones, standin_paths, fusion={"method": "attention"})
+    before = {n: frozen_snapshot(b.model) for n, b in four_backbones.items()}
+    head_params = sum(p.numel() for p in model.parameters())
+    # 8 taps: LayerNorm + Linear(hidden, 64) each; attention fusion; Linear(64, 4)
+    widths = {"llama": 256, "mistral": 192, "gemma": 128, "phi": 320}
+    adapters = sum(2 * (2 * h + h * 64 + 64) for h in widths.values())
+    attention = 64 + 8 * 64 + (3 * 64 * 64 + 3 * 64) + (64 * 64 + 64) + 2 * 64
+    assert head_params == adapters + attention + (64 * 4 + 4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    inputs, labels = topics_batches["train"]
+    for _ in range(3):
+        out = model(inputs=inputs, labels=labels)
+        out.loss.backward()
+        for backbone in four_backbones.values():
+            assert all(p.grad is None for p in backbone.model.parameters())
+        assert all(p.grad is not None for p in model.parameters())
+        optimizer.step()
+        optimizer.zero_grad()
+    for n, b in four_backbones.items():
+        after = frozen_snapshot(b.model)
+        assert before[n].keys() == after.keys()
+        assert all(torch.equal(before[n][k], after[k]) for k in before[n]), n
+
+
+@pytest.mark.parametrize("method", ["concat", "weighted", "gated", "attention"])
+def test_every_fusion_method_lowers_the_loss(four_backbones, standin_paths, topics_batches, method):
+    model = make_model(four_backbones, standin_paths, fusion={"method": method})
+    inputs, labels = topics_batches["train"]
+    features = model.features(inputs)  # the backbones are frozen: compute once
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss = model(features=features, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_save_load_identical_outputs_and_head_only_files(four_backbones, standin_paths, topics_batches, tmp_path):
+    model = make_model(four_backbones, standin_paths, fusion={"method": "gated"}, adapter={"kind": "lowrank", "rank": 16})
+    inputs, _ = topics_batches["validation"]
+    model.eval()
+    expected = model(inputs=inputs).logits
+    model.save_pretrained(tmp_path / "head")
+    files = sorted(p.name for p in (tmp_path / "head").iterdir())
+    assert files == ["config.json", "model.safetensors"]
+    with safe_open(tmp_path / "head" / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.split(".")[0] in {"adapters", "fusion", "classifier"} for k in keys), keys
+    n_saved = sum(safe_open(tmp_path / "head" / "model.safetensors", "pt").get_tensor(k).numel() for k in keys)
+    assert n_saved == sum(p.numel() for p in model.parameters())
+    assert (tmp_path / "head" / "model.safetensors").stat().st_size < 4 * n_saved + 100_000
+    saved = json.loads((tmp_path / "head" / "config.json").read_text())
+    assert set(saved["fingerprints"]) == {"llama", "mistral", "gemma", "phi"}
+    assert saved["backbones"][0]["quantization"] == "nf4" and saved["backbones"][0]["tap_layers"] == [2, -1]
+    again = FusionModel.from_pretrained(tmp_path / "head", backbones=four_backbones)
+    again.eval()
+    assert torch.equal(again(inputs=inputs).logits, expected)
+    # and from the paths in the config alone (backbones reloaded)
+    reloaded = FusionModel.from_pretrained(tmp_path / "head")
+    reloaded.eval()
+    torch.testing.assert_close(reloaded(inputs=inputs).logits, expected)
+
+
+def test_automodel_loads_the_head(four_backbones, standin_paths, tmp_path):
+    from transformers import AutoConfig, AutoModel
+
+    model = make_model(four_backbones, standin_paths)
+    model.save_pretrained(tmp_path / "h")
+    assert isinstance(AutoConfig.from_pretrained(tmp_path / "h"), FusionConfig)
+    assert isinstance(AutoModel.from_pretrained(tmp_path / "h"), FusionHead)
+
+
+def test_fingerprint_mismatch_is_refused(four_backbones, standin_paths, tmp_path):
+    from fusion_llm.backbones import load_backbone
+    from fusion_llm.standins import build_standin
+
+    model = make_model(four_backbones, standin_paths)
+    model.save_pretrained(tmp_path / "head")
+    other = build_standin("mistral", tmp_path / "mistral_seed1", seed=1)  # same config, other weights
+    swapped = dict(four_backbones)
+    spec = four_backbones["mistral"].spec
+    swapped["mistral"] = load_backbone(type(spec)(**{**spec.to_dict(), "model": str(other)}))
+    with pytest.raises(ConfigError, match="backbone 'mistral'.*weights"):
+        FusionModel.from_pretrained(tmp_path / "head", backbones=swapped)
+
+
+def test_save_is_atomic_over_an_existing_head(four_backbones, standin_paths, tmp_path, monkeypatch):
+    model = make_model(four_backbones, standin_paths)
+    model.save_pretrained(tmp_path / "head")
+    before = (tmp_path / "head" / "model.safetensors").read_bytes()
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(FusionHead, "save_pretrained", boom)
+    with pytest.raises(RuntimeError):
+        model.save_pretrained(tmp_path / "head")
+    assert (tmp_path / "head" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["head"]
+
+
+def test_every_registered_fusion_is_covered():
+    assert set(available_fusions()) == {"concat", "weighted", "gated", "attention"}
