@@ -24,7 +24,8 @@ class DataConfig:
     """Where examples come from.
 
     Args:
-        task: a built-in task (``topics``, or a grokking task such as ``x_plus_y`` / ``grokking_all``).
+        task: a built-in task (``topics``, or a grokking task such as ``x_plus_y`` / ``grokking_all``);
+            ``topics`` when no source is given.
         dataset: a HF dataset name (loaded with ``datasets.load_dataset``; needs the hub or its cache).
         files: local data files, ``{"train": path, "validation": path}`` (json/jsonl/csv/parquet/txt).
         text_column, label_column: column names.
@@ -34,7 +35,7 @@ class DataConfig:
         seed: seed of built-in task generation and splits.
     """
 
-    task: str | None = "topics"
+    task: str | None = None
     dataset: str | None = None
     dataset_config: str | None = None
     files: dict | None = None
@@ -49,7 +50,9 @@ class DataConfig:
 
     def __post_init__(self):
         sources = [x for x in (self.task, self.dataset, self.files) if x]
-        if len(sources) != 1:
+        if not sources:
+            self.task = "topics"
+        elif len(sources) != 1:
             raise ConfigError("data: give exactly one of task, dataset or files")
         if self.max_length <= 0:
             raise ConfigError(f"data.max_length: must be positive, got {self.max_length}")
@@ -74,7 +77,8 @@ class TrainConfig:
         checkpoint_every, keep_checkpoints: `accelerator.save_state` cadence and how many to keep.
         seed: seed of head initialisation, data order and dropout.
         mixed_precision: ``no``, ``bf16`` or ``fp16`` (accelerate).
-        cache_features: train from an on-disk cache of the frozen backbones' features.
+        cache_features: train from an on-disk cache of the frozen backbones' features
+            (under the fusion_llm cache folder, keyed by backbones + taps + data).
         cache_limit_gb: refuse to write a cache larger than this.
     """
 
@@ -135,8 +139,15 @@ class RunConfig:
 
 
 def _coerce(text: str) -> Any:
-    """A command-line value as YAML would read it (numbers, booleans, null, lists)."""
-    return yaml.safe_load(text)
+    """A command-line value as YAML would read it (numbers, booleans, null, lists); ``3e-4`` is a float."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        for cast in (int, float):
+            try:
+                return cast(value)
+            except ValueError:
+                pass
+    return value
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

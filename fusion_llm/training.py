@@ -29,6 +29,7 @@ from fusion_llm.data.pipeline import Collator, check_labels, load_raw, tokenize_
 from fusion_llm.features import FeatureCache, collate_features
 from fusion_llm.metrics import load_metric
 from fusion_llm.modeling import FusionModel
+from fusion_llm.paths import cache_dir
 from fusion_llm.runconfig import RunConfig
 
 
@@ -162,12 +163,15 @@ def train(run: RunConfig, *, resume: bool = False, cache_features: bool | None =
     output_dir = Path(run.output_dir)
     tracker = _tracker(run.tracker, output_dir)
     accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # lets torchrun's processes form a gloo group on CPU
         mixed_precision=tcfg.mixed_precision,
         gradient_accumulation_steps=tcfg.gradient_accumulation,
         log_with=tracker,
         project_dir=str(output_dir),
     )
     is_main = accelerator.is_main_process
+    if not is_main:
+        log = lambda *_: None  # noqa: E731  (one voice: the main process)
     if not resume and is_main and (output_dir / "head").exists():
         raise ConfigError(f"output_dir: {output_dir} already holds a finished run; use --resume or a new output_dir")
     set_seed(tcfg.seed)
@@ -177,11 +181,11 @@ def train(run: RunConfig, *, resume: bool = False, cache_features: bool | None =
         raise ConfigError("model.head.kind: this trainer handles classification heads; LM heads train through "
                           "the LM track (issue: token-level fusion)")
     check_budget(config)
+    raw = load_raw(run.data)  # data errors surface before any backbone loads
+    check_labels(raw, run.data.label_column, config.head["num_labels"])
     device_map = {"": accelerator.local_process_index} if torch.cuda.is_available() else None
     model = FusionModel.from_config(config, device_map=device_map)
 
-    raw = load_raw(run.data)
-    check_labels(raw, run.data.label_column, config.head["num_labels"])
     tokenizers = {n: b.tokenizer for n, b in model.backbones.items()}
     max_lengths = {n: min(run.data.max_length, b.max_length) for n, b in model.backbones.items()}
     with accelerator.main_process_first():
@@ -189,10 +193,10 @@ def train(run: RunConfig, *, resume: bool = False, cache_features: bool | None =
     collate = Collator({n: b.tokenizer.pad_token_id for n, b in model.backbones.items()})
     train_set, eval_set = tokenized["train"], tokenized["validation"]
     if cache_features:
-        cache = FeatureCache(output_dir.parent / "feature_cache", model, tcfg.cache_limit_gb * 1e9)
+        cache = FeatureCache(cache_dir() / "features", model, tcfg.cache_limit_gb * 1e9)
         with accelerator.main_process_first():
-            train_set = cache.build(train_set, collate, log=log if is_main else (lambda *_: None))
-            eval_set = cache.build(eval_set, collate, log=log if is_main else (lambda *_: None))
+            train_set = cache.build(train_set, collate, log=log)
+            eval_set = cache.build(eval_set, collate, log=log)
         collate = collate_features(model)
 
     per_epoch = _batches_per_epoch(len(train_set), tcfg.batch_size, accelerator.num_processes)
@@ -236,6 +240,7 @@ def train(run: RunConfig, *, resume: bool = False, cache_features: bool | None =
                 out = _step_batch(model, batch)
                 loss = out.loss
                 if not torch.isfinite(loss):
+                    progress.close()
                     last = _checkpoints(output_dir)
                     raise NonFiniteLoss(f"the loss became {loss.item()} at step {step + 1}; last good checkpoint: "
                                         f"{last[-1] if last else 'none'} (lower train.lr or check the data)")
@@ -277,13 +282,23 @@ def train(run: RunConfig, *, resume: bool = False, cache_features: bool | None =
             if step >= max_steps:
                 break
     progress.close()
+    # Every process must end with the same head (DDP keeps them in sync): record each one's checksum.
+    flat = torch.cat([p.detach().float().flatten() for p in accelerator.unwrap_model(head).parameters()])
+    checksums = accelerator.gather(torch.stack([flat.sum(), (flat * flat).sum()]).unsqueeze(0).double())
+    result = {
+        "steps": step, "final": summary, "best_eval_loss": best, "losses": history,
+        "output": str(output_dir / "head"), "num_processes": accelerator.num_processes,
+        "effective_batch": tcfg.batch_size * tcfg.gradient_accumulation * accelerator.num_processes,
+        "examples_per_step": seen / max(len(history), 1),  # optimizer steps of this invocation
+        "examples_per_second": seen / (time.perf_counter() - started),
+        "process_head_checksums": checksums.cpu().tolist(),
+    }
     if is_main:
         _save_head(model, accelerator, output_dir / "head")
+        _write_text_atomic(output_dir / "run_summary.json", json.dumps(result, indent=2, default=float))
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return {"steps": step, "final": summary, "best_eval_loss": best, "losses": history,
-            "output": str(output_dir / "head"), "examples_per_second": seen / (time.perf_counter() - started),
-            "effective_batch": tcfg.batch_size * tcfg.gradient_accumulation * accelerator.num_processes}
+    return result
 
 
 def _save_head(model: FusionModel, accelerator: Accelerator, path: Path) -> None:
@@ -313,6 +328,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, NonFiniteLoss, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if summary.get("output"):
+    if summary.get("output") and os.environ.get("RANK", "0") == "0":
         print(f"saved head to {summary['output']} (load with FusionModel.from_pretrained)")
     return 0

@@ -61,6 +61,8 @@ def _local_files(data: DataConfig) -> DatasetDict:
     for split, path in data.files.items():
         if not Path(path).is_file():
             raise ConfigError(f"data.files.{split}: {path} does not exist")
+        if Path(path).stat().st_size == 0:
+            raise ConfigError(f"data.files.{split}: {path} is empty; give a file with examples")
         suffixes.add(Path(path).suffix.lower())
     if len(suffixes) != 1 or next(iter(suffixes)) not in _FILE_BUILDERS:
         raise ConfigError(f"data.files: use one file type of {sorted(_FILE_BUILDERS)}, got {sorted(suffixes)}")

@@ -1,0 +1,175 @@
+"""The training script: eval loss falls, resume equals an uninterrupted run, 2 processes agree,
+the feature cache runs no backbone, and each error case gives one line and exit code 2."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fusion_llm.runconfig import build_run_config
+from fusion_llm.training import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny(tmp_path, **changes):
+    data = {
+        "model": {
+            "backbones": [
+                {"name": "mistral", "model": "cache:standins/mistral", "tap_layers": [1, 2], "compute_dtype": "float32"},
+                {"name": "phi", "model": "cache:standins/phi3", "tap_layers": [2], "compute_dtype": "float32"},
+            ],
+            "shared_width": 64, "fusion": {"method": "concat", "hidden": 128},
+            "head": {"num_labels": 4, "pooling": "mean"},
+        },
+        "data": {"task": "topics", "max_length": 24, "max_train_examples": 128, "max_eval_examples": 64},
+        "train": {"lr": 3e-3, "batch_size": 8, "max_steps": 12, "warmup_steps": 1, "eval_every": 6,
+                  "checkpoint_every": 4, "seed": 3},
+        "output_dir": str(tmp_path / "run"), "tracker": "jsonl",
+    }
+    for key, value in changes.items():
+        section, _, name = key.partition("__")
+        if name:
+            data[section][name] = value
+        else:
+            data[section] = value
+    return data
+
+
+def run_cli(args, cwd=ROOT, launcher=None):
+    cmd = (launcher or [sys.executable]) + [str(ROOT / "scripts" / "train_fusion.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                          timeout=600)
+
+
+def test_default_config_style_run_lowers_eval_loss_and_saves_a_loadable_head(standin_paths, tmp_path):
+    from fusion_llm.modeling import FusionModel
+
+    run = build_run_config(tiny(tmp_path, train__max_steps=30, train__eval_every=10, train__lr=1e-2))
+    summary = train(run)
+    logs = [json.loads(x) for x in (tmp_path / "run/logs/metrics.jsonl").read_text().splitlines()]
+    evals = [x["eval_loss"] for x in logs if "eval_loss" in x]
+    assert len(evals) == 3 and evals[-1] < evals[0]
+    assert (tmp_path / "run/run_config.yaml").is_file() and (tmp_path / "run/best/config.json").is_file()
+    model = FusionModel.from_pretrained(summary["output"])
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in model.head.parameters())
+    assert (tmp_path / "run/checkpoints").is_dir()
+    for ckpt in (tmp_path / "run/checkpoints").iterdir():
+        assert (ckpt / "run_config.yaml").is_file()  # the resolved config beside every checkpoint
+
+
+def test_resume_reaches_the_same_losses_as_an_uninterrupted_run(standin_paths, tmp_path):
+    full = train(build_run_config(tiny(tmp_path / "a")))
+    partial_cfg = build_run_config(tiny(tmp_path / "b"))
+    stopped = train(partial_cfg, stop_after=6)  # "killed" after step 6; last checkpoint at step 4
+    assert stopped["stopped_at"] == 6
+    resumed = train(build_run_config(tiny(tmp_path / "b")), resume=True)
+    curve = [json.loads(x) for x in (tmp_path / "b/run/train_losses.jsonl").read_text().splitlines()]
+    by_step = {}
+    for row in curve:  # steps 5-6 ran twice (before the "kill" and after resuming from step 4)
+        by_step.setdefault(row["step"], []).append(row["loss"])
+    assert all(len(set(v)) == 1 for v in by_step.values()), by_step
+    assert [by_step[s][0] for s in sorted(by_step)] == full["losses"]
+    assert resumed["final"] == full["final"]
+
+
+def test_interrupted_checkpoint_write_leaves_the_previous_one_usable(standin_paths, tmp_path):
+    train(build_run_config(tiny(tmp_path)), stop_after=8)
+    ckpts = tmp_path / "run/checkpoints"
+    (ckpts / ".tmp_step_000012").mkdir()  # what a kill during save_state leaves behind
+    (ckpts / ".tmp_step_000012" / "garbage.bin").write_bytes(b"partial")
+    summary = train(build_run_config(tiny(tmp_path)), resume=True)
+    assert summary["steps"] == 12
+
+
+def test_feature_cache_runs_no_backbone_on_a_hit(standin_paths, tmp_path, monkeypatch):
+    from fusion_llm.backbones import FrozenBackbone
+
+    first = train(build_run_config(tiny(tmp_path / "a")), cache_features=True)
+    calls = []
+    original = FrozenBackbone.taps
+    monkeypatch.setattr(FrozenBackbone, "taps", lambda self, *a, **k: calls.append(self.name) or original(self, *a, **k))
+    second = train(build_run_config(tiny(tmp_path / "b")), cache_features=True)
+    assert calls == []
+    assert second["losses"] == first["losses"]
+
+
+def test_cache_over_its_limit_is_refused_with_the_estimate(standin_paths, tmp_path):
+    cfg = tiny(tmp_path, train__cache_limit_gb=1e-6)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = run_cli(["--config", str(path), "--cache-features"])
+    assert result.returncode == 2
+    assert "cache_limit_gb" in result.stderr and "GB" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "head").exists()
+
+
+def test_two_processes_end_with_identical_heads(standin_paths, tmp_path):
+    cfg = tiny(tmp_path, train__max_steps=6, train__checkpoint_every=100, train__eval_every=6)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29577"]
+    result = run_cli(["--config", str(path)], launcher=launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run/run_summary.json").read_text())
+    assert summary["num_processes"] == 2
+    assert summary["effective_batch"] == 16 and summary["examples_per_step"] == 16
+    first, second = summary["process_head_checksums"]
+    assert first == second
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"train__lr": -1}, "train.lr"),
+    ({"train__bogus": 1}, "unknown key"),
+    ({"data": {"files": {"train": "/nope/train.jsonl", "validation": "/nope/v.jsonl"}}}, "does not exist"),
+    ({"model__head": {"num_labels": 2, "pooling": "mean"}}, "outside 0..1"),
+])
+def test_errors_are_one_line_with_exit_code_2(standin_paths, tmp_path, change, message):
+    (key, value), = change.items()
+    cfg = tiny(tmp_path)
+    section, _, name = key.partition("__")
+    if name:
+        cfg[section][name] = value
+    else:
+        cfg[section] = value
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = run_cli(["--config", str(path)])
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and message in last, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "head").exists()
+
+
+def test_empty_dataset_is_refused(standin_paths, tmp_path):
+    (tmp_path / "train.jsonl").write_text("")
+    (tmp_path / "v.jsonl").write_text('{"text": "a", "label": 0}\n')
+    cfg = tiny(tmp_path, data={"files": {"train": str(tmp_path / "train.jsonl"), "validation": str(tmp_path / "v.jsonl")}})
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = run_cli(["--config", str(path)])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "empty" in result.stderr.strip().splitlines()[-1] or "cannot read" in result.stderr
+
+
+def test_non_finite_loss_stops_with_the_step_and_checkpoint(standin_paths, tmp_path):
+    cfg = tiny(tmp_path, train__lr=1e30, train__grad_clip=0)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = run_cli(["--config", str(path)])
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert "at step" in last and "checkpoint" in last, result.stderr[-2000:]
+
+
+def test_cli_overrides_single_keys(tmp_path):
+    from fusion_llm.runconfig import load_run_config
+
+    run = load_run_config(ROOT / "configs/standins_4llm.yaml", ["--train.lr", "3e-4", "--data.max_length=48"])
+    assert run.train.lr == 3e-4 and run.data.max_length == 48
