@@ -147,22 +147,24 @@ class FrozenBackbone:
         return enc
 
     @torch.no_grad()
-    def taps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def taps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             layers: list[int] | None = None) -> list[torch.Tensor]:
         """Run the (truncated) backbone and return its tapped hidden states.
 
         Args:
             input_ids: (B, L) token ids in this backbone's vocabulary.
             attention_mask: (B, L), 1 for real tokens.
+            layers: absolute layer indices to return instead of ``spec.tap_layers``.
 
         Returns:
-            One tensor (B, L, hidden_size) per entry of ``spec.tap_layers``, in that order.
+            One tensor (B, L, hidden_size) per requested layer (default: ``spec.tap_layers``), in order.
         """
-        taps = self.spec.resolved_taps()
+        taps = self.spec.resolved_taps() if layers is None else list(layers)
         device = self.device
         out = self.model(
             input_ids=input_ids.to(device),
             attention_mask=None if attention_mask is None else attention_mask.to(device),
-            output_hidden_states=taps,
+            output_hidden_states=sorted(set(taps)),
             use_cache=False,
         )
         return [out.hidden_states[t] for t in taps]

@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
 from fusion_llm.adapters import build_adapter
+from fusion_llm.alignment import gather_aligned
 from fusion_llm.backbones import FrozenBackbone, load_backbone
 from fusion_llm.config import ConfigError, FusionConfig
 from fusion_llm.fusion import build_fusion
@@ -75,6 +76,13 @@ class FusionHead(PreTrainedModel):
     def _init_weights(self, module):
         """Keep PyTorch's default initialisation (and the zero-initialised residual)."""
 
+    def align(self, name: str, taps: list[torch.Tensor], index: torch.Tensor) -> list[torch.Tensor]:
+        """Bring a source backbone's taps (B, S, H) onto anchor positions (B, T, H) with its alignment index
+        (-1 = nothing settled yet: the learned "nothing" vector of that tap)."""
+        layers = [layer for n, layer in self.taps if n == name]
+        return [gather_aligned(tap.to(self.dtype), index, self.nothing[tap_key(name, layer)])
+                for tap, layer in zip(taps, layers)]
+
     def fuse(self, features: dict[str, list[torch.Tensor]]) -> torch.Tensor:
         """Adapt every tap and fuse them.
 
@@ -100,7 +108,7 @@ class FusionHead(PreTrainedModel):
         adds it to the anchor's hidden state and applies the anchor's output layer.
         """
         fused = self.fuse(features)
-        if self.config.head["kind"] == "lm":
+        if self.config.head["kind"] == "lm":  # features: anchor taps and aligned source taps, (B, T, H)
             return FusionOutput(logits=self.residual(fused))
         logits = self.classifier(fused)
         loss = None if labels is None else nn.functional.cross_entropy(logits, labels.to(logits.device))
@@ -240,7 +248,7 @@ class FusionModel(nn.Module):
             texts: raw texts, tokenized here (convenience).
         """
         if self.config.head["kind"] == "lm":
-            raise ValueError("this is an LM fusion model: call it through FusionModel.lm_forward")
+            raise ValueError("this is an LM fusion model: call lm_forward(inputs, alignment)")
         if features is None:
             if inputs is None:
                 if texts is None:
@@ -250,3 +258,45 @@ class FusionModel(nn.Module):
         device = self.head.device
         features = {n: [t.to(device) for t in taps] for n, taps in features.items()}
         return self.head(features, labels=labels)
+
+    # ---- language modelling --------------------------------------------------------------------------
+    def lm_forward(self, inputs: dict[str, dict[str, torch.Tensor]], alignment: dict[str, torch.Tensor],
+                   labels: torch.Tensor | None = None) -> FusionOutput:
+        """Next-token logits in the anchor's vocabulary from every backbone's features at each position.
+
+        Args:
+            inputs: name -> {input_ids, attention_mask}: the anchor's tokens and each source's own
+                tokenization of the same text (see ``fusion_llm.alignment.align_batch``).
+            alignment: source name -> (B, T) index of the last settled source token per anchor token (-1: none).
+            labels: (B, T) anchor token ids to predict, -100 where ignored; by default the anchor's
+                input ids shifted by one, padding ignored.
+
+        Returns:
+            ``FusionOutput(loss, logits)`` with logits (B, T, vocab). An untrained head returns the anchor's
+            own logits exactly: the residual it adds to the anchor's last hidden state starts at zero.
+        """
+        anchor = self.anchor
+        if anchor is None or anchor.lm_head is None:
+            raise ValueError("lm_forward needs an anchor backbone loaded with its LM head (head.kind: lm)")
+        device = self.head.device
+        enc = inputs[anchor.name]
+        last = anchor.spec.num_hidden_layers
+        *anchor_taps, anchor_last = anchor.taps(enc["input_ids"], enc["attention_mask"],
+                                                layers=anchor.spec.resolved_taps() + [last])
+        features = {anchor.name: [t.to(device) for t in anchor_taps]}
+        for name, backbone in self._backbones.items():
+            if name == anchor.name:
+                continue
+            src = inputs[name]
+            taps = backbone.taps(src["input_ids"], src["attention_mask"])
+            features[name] = self.head.align(name, [t.to(device) for t in taps], alignment[name].to(device))
+        residual = self.head(features).logits  # (B, T, anchor hidden), zero at initialisation
+        hidden = anchor_last.to(device) + residual.to(anchor_last.dtype)
+        logits = anchor.lm_logits(hidden)
+        if labels is None:
+            ids = enc["input_ids"].to(logits.device)
+            labels = ids.masked_fill(enc["attention_mask"].to(logits.device) == 0, -100)
+            labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+        loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.to(logits.device).flatten(),
+                                           ignore_index=-100)
+        return FusionOutput(loss=loss, logits=logits)

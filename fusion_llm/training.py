@@ -25,7 +25,7 @@ from transformers import get_scheduler
 
 from fusion_llm.budget import check_budget
 from fusion_llm.config import ConfigError
-from fusion_llm.data.pipeline import Collator, check_labels, load_raw, tokenize_splits
+from fusion_llm.data.pipeline import Collator, LMCollator, align_splits, check_labels, load_raw, tokenize_splits
 from fusion_llm.features import FeatureCache, collate_features
 from fusion_llm.metrics import load_metric
 from fusion_llm.modeling import FusionModel
@@ -124,14 +124,34 @@ def _epoch_loader(dataset, epoch: int, seed: int, batch_size: int, collate, acce
 
 
 def _step_batch(model: FusionModel, batch: dict):
+    if "alignment" in batch:
+        return model.lm_forward(batch["inputs"], batch["alignment"], batch["labels"])
     if "features" in batch:
         return model(features=batch["features"], labels=batch["labels"])
     return model(inputs=batch["inputs"], labels=batch["labels"])
 
 
 @torch.no_grad()
+def evaluate_lm(model: FusionModel, loader, accelerator: Accelerator) -> dict:
+    """Token loss and perplexity in the anchor's tokens over the eval split (gathered across processes)."""
+    model.head.eval()
+    metric = load_metric("perplexity")
+    for batch in loader:
+        logits = _step_batch(model, batch).logits
+        labels = batch["labels"].to(logits.device)
+        nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none",
+                                                ignore_index=-100)[labels.flatten() != -100]
+        nll = accelerator.gather(accelerator.pad_across_processes(nll, pad_index=float("nan")))
+        metric.add_batch(nll=nll[~torch.isnan(nll)].cpu().tolist())
+    model.head.train()
+    return {f"eval_{k}": v for k, v in metric.compute().items()}
+
+
+@torch.no_grad()
 def evaluate_model(model: FusionModel, loader, accelerator: Accelerator) -> dict:
     """Accuracy and mean loss over the eval split (gathered across processes)."""
+    if model.config.head["kind"] == "lm":
+        return evaluate_lm(model, loader, accelerator)
     model.head.eval()
     accuracy = load_metric("accuracy")
     total_loss, count = 0.0, 0
@@ -177,20 +197,29 @@ def train(run: RunConfig, *, resume: bool = False, cache_features: bool | None =
     set_seed(tcfg.seed)
 
     config = run.fusion_config()
-    if config.head["kind"] != "classification":
-        raise ConfigError("model.head.kind: this trainer handles classification heads; LM heads train through "
-                          "the LM track (issue: token-level fusion)")
+    lm = config.head["kind"] == "lm"
+    if lm and cache_features:
+        raise ConfigError("train.cache_features: the feature cache serves classification heads (pooled features); "
+                          "LM heads train from the backbones")
     check_budget(config)
-    raw = load_raw(run.data)  # data errors surface before any backbone loads
-    check_labels(raw, run.data.label_column, config.head["num_labels"])
+    raw = load_raw(run.data, need_labels=not lm)  # data errors surface before any backbone loads
+    if not lm:
+        check_labels(raw, run.data.label_column, config.head["num_labels"])
     device_map = {"": accelerator.local_process_index} if torch.cuda.is_available() else None
     model = FusionModel.from_config(config, device_map=device_map)
 
     tokenizers = {n: b.tokenizer for n, b in model.backbones.items()}
-    max_lengths = {n: min(run.data.max_length, b.max_length) for n, b in model.backbones.items()}
+    pad_ids = {n: b.tokenizer.pad_token_id for n, b in model.backbones.items()}
     with accelerator.main_process_first():
-        tokenized = tokenize_splits(raw, tokenizers, run.data.text_column, run.data.label_column, max_lengths)
-    collate = Collator({n: b.tokenizer.pad_token_id for n, b in model.backbones.items()})
+        if lm:
+            anchor = model.anchor
+            sources = {n: t for n, t in tokenizers.items() if n != anchor.name}
+            tokenized = align_splits(raw, anchor.tokenizer, sources, run.data.text_column,
+                                     min(run.data.max_length, anchor.max_length))
+        else:
+            max_lengths = {n: min(run.data.max_length, b.max_length) for n, b in model.backbones.items()}
+            tokenized = tokenize_splits(raw, tokenizers, run.data.text_column, run.data.label_column, max_lengths)
+    collate = LMCollator(model.anchor.name, pad_ids) if lm else Collator(pad_ids)
     train_set, eval_set = tokenized["train"], tokenized["validation"]
     if cache_features:
         cache = FeatureCache(cache_dir() / "features", model, tcfg.cache_limit_gb * 1e9)
@@ -226,10 +255,14 @@ def train(run: RunConfig, *, resume: bool = False, cache_features: bool | None =
     if is_main and not resume:
         losses_path.unlink(missing_ok=True)
     best, summary, history = None, {}, []
+    anchor_eval = None
+    if lm and step == 0:  # the untrained head scores exactly the anchor: the number to beat
+        anchor_eval = evaluate_model(model, eval_loader, accelerator)
+        log("anchor alone: " + ", ".join(f"{k} {v:.4f}" for k, v in anchor_eval.items()))
     micro = step * tcfg.gradient_accumulation  # micro-batches consumed so far
     progress = tqdm(total=max_steps, initial=step, disable=not is_main, desc="training", dynamic_ncols=True)
     head.train()
-    started, seen = time.perf_counter(), 0
+    started, seen, tokens = time.perf_counter(), 0, 0
     while step < max_steps:
         epoch, offset = divmod(micro, per_epoch)
         loader = _epoch_loader(train_set, epoch, tcfg.seed, tcfg.batch_size, collate, accelerator)
@@ -252,6 +285,7 @@ def train(run: RunConfig, *, resume: bool = False, cache_features: bool | None =
                 optimizer.zero_grad()
             micro += 1
             seen += batch["labels"].shape[0] * accelerator.num_processes
+            tokens += int((batch["labels"] != -100).sum()) * accelerator.num_processes if lm else 0
             if not accelerator.sync_gradients:
                 continue
             step += 1
@@ -286,11 +320,12 @@ def train(run: RunConfig, *, resume: bool = False, cache_features: bool | None =
     flat = torch.cat([p.detach().float().flatten() for p in accelerator.unwrap_model(head).parameters()])
     checksums = accelerator.gather(torch.stack([flat.sum(), (flat * flat).sum()]).unsqueeze(0).double())
     result = {
-        "steps": step, "final": summary, "best_eval_loss": best, "losses": history,
+        "steps": step, "final": summary, "best_eval_loss": best, "losses": history, "anchor_eval": anchor_eval,
         "output": str(output_dir / "head"), "num_processes": accelerator.num_processes,
         "effective_batch": tcfg.batch_size * tcfg.gradient_accumulation * accelerator.num_processes,
         "examples_per_step": seen / max(len(history), 1),  # optimizer steps of this invocation
         "examples_per_second": seen / (time.perf_counter() - started),
+        "tokens_per_second": tokens / (time.perf_counter() - started),
         "process_head_checksums": checksums.cpu().tolist(),
     }
     if is_main:

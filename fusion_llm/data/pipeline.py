@@ -13,8 +13,10 @@ from fusion_llm.runconfig import DataConfig
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
-def load_raw(data: DataConfig) -> DatasetDict:
-    """The raw train / eval splits named by a data config (built-in task, local files or a HF dataset)."""
+def load_raw(data: DataConfig, need_labels: bool = True) -> DatasetDict:
+    """The raw train / eval splits named by a data config (built-in task, local files or a HF dataset).
+
+    ``need_labels=False`` for language modelling (text only)."""
     if data.task:
         ds = _builtin_task(data)
     elif data.files:
@@ -33,7 +35,7 @@ def load_raw(data: DataConfig) -> DatasetDict:
             out[split] = out[split].select(range(cap))
         if len(out[split]) == 0:
             raise ConfigError(f"data: the {split} split is empty; point data at a non-empty dataset")
-        for column in (data.text_column, data.label_column):
+        for column in (data.text_column, data.label_column) if need_labels else (data.text_column,):
             if column not in out[split].column_names:
                 raise ConfigError(f"data: column {column!r} missing in {split}; columns: {out[split].column_names} "
                                   f"(set data.text_column / data.label_column)")
@@ -45,13 +47,17 @@ def _builtin_task(data: DataConfig) -> DatasetDict:
         from fusion_llm.data.topics import topics_dataset
 
         return topics_dataset(seed=data.seed)
+    if data.task == "python_docs":
+        from fusion_llm.data.text import python_docs_dataset
+
+        return python_docs_dataset(seed=data.seed)
     from fusion_llm.data import grokking
 
     if data.task in grokking.TASKS:
         return grokking.build_task_dataset(data.task, seed=data.seed)
     if data.task == "grokking_all":
         return grokking.build_union_dataset(seed=data.seed)
-    raise ConfigError(f"data.task: unknown task {data.task!r}; known: topics, grokking_all, {', '.join(grokking.TASKS)}")
+    raise ConfigError(f"data.task: unknown task {data.task!r}; known: topics, python_docs, grokking_all, {', '.join(grokking.TASKS)}")
 
 
 def _local_files(data: DataConfig) -> DatasetDict:
@@ -137,3 +143,45 @@ class Collator:
 
 def as_dataset(columns: dict) -> Dataset:
     return Dataset.from_dict(columns)
+
+
+def align_splits(ds: DatasetDict, anchor_tokenizer, source_tokenizers: dict, text_column: str,
+                 max_length: int) -> DatasetDict:
+    """Tokenize every split with the anchor and each source and compute the causal alignment once
+    per example (``Dataset.map``; stored with the example, never recomputed in the training step)."""
+    from fusion_llm.alignment import make_align_fn
+
+    fn = make_align_fn(anchor_tokenizer, source_tokenizers, text_column=text_column, max_length=max_length)
+    out = ds.map(fn, batched=True, remove_columns=ds["train"].column_names, desc="aligning")
+    return out.remove_columns(["offset_mapping"])
+
+
+class LMCollator:
+    """Pads the anchor ids (labels = next anchor token, -100 on padding), each source's ids and alignment (-1)."""
+
+    def __init__(self, anchor: str, pad_ids: dict[str, int]):
+        self.anchor = anchor
+        self.pad_ids = pad_ids
+
+    @staticmethod
+    def _pad(seqs, value):
+        length = max(len(s) for s in seqs)
+        out = torch.full((len(seqs), length), value, dtype=torch.long)
+        mask = torch.zeros((len(seqs), length), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+            mask[i, : len(s)] = 1
+        return out, mask
+
+    def __call__(self, rows: list[dict]) -> dict:
+        ids, mask = self._pad([r["input_ids"] for r in rows], self.pad_ids[self.anchor])
+        labels = torch.cat([ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100), torch.full_like(ids[:, :1], -100)], 1)
+        inputs = {self.anchor: {"input_ids": ids, "attention_mask": mask}}
+        alignment = {}
+        for name, pad in self.pad_ids.items():
+            if name == self.anchor:
+                continue
+            src, src_mask = self._pad([r[f"{name}_input_ids"] for r in rows], pad)
+            inputs[name] = {"input_ids": src, "attention_mask": src_mask}
+            alignment[name], _ = self._pad([r[f"{name}_align"] for r in rows], -1)
+        return {"inputs": inputs, "alignment": alignment, "labels": labels}
