@@ -76,13 +76,14 @@ they stay at zero on the four real tokenizers.
 
 from __future__ import annotations
 
+import itertools
 import json
 import unicodedata
 import warnings
 import weakref
 from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -210,7 +211,7 @@ class SettleRule:
     # sorted int64 codes (a << 21 | b) of normalized character pairs that a merge may join
     join_codes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
     char_map: dict = field(default_factory=dict, repr=False)  # normalizer: code point -> code point
-    added: "_AddedTokenContexts | None" = field(default=None, repr=False)
+    added: _AddedTokenContexts | None = field(default=None, repr=False)
     unknown_fuse_chars: np.ndarray | None = field(default=None, repr=False)  # vocab chars if unks fuse
     regex: str | None = None  # byte-level: "llama3" or "gpt2" split regex
 
@@ -348,7 +349,7 @@ def _mapped_ws(char_map: dict) -> set:
     return {chr(char_map.get(ord(w), ord(w))) for w in WHITESPACE}
 
 
-_RULES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_RULES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _RULES_BY_ID: dict = {}
 
 
@@ -480,9 +481,7 @@ def _char_map(norm, pre) -> dict | None:
         if t == "Metaspace":
             return add(" ", p.get("replacement", "\u2581"))
         # A split on one literal character only adds boundaries, decided locally.
-        if t == "Split" and len(p.get("pattern", {}).get("String", "")) == 1 and not p.get("invert"):
-            return True
-        return False
+        return t == "Split" and len(p.get("pattern", {}).get("String", "")) == 1 and not p.get("invert")
 
     if not walk_norm(norm) or not walk_pre(pre):
         return None
@@ -501,8 +500,7 @@ def _model_join_pairs(model) -> Iterable[tuple[str, str]]:
     Unigram: adjacent characters of any piece)."""
     if model["type"] == "Unigram":
         for piece, _ in model["vocab"]:
-            for a, b in zip(piece, piece[1:]):
-                yield a, b
+            yield from itertools.pairwise(piece)
         return
     for m in model["merges"]:
         a, b = m.split(" ", 1) if isinstance(m, str) else m
@@ -844,7 +842,7 @@ def align_batch(
     """
     texts = list(texts)
     check_fast_tokenizer(anchor_tokenizer, "anchor")
-    kw = dict(truncation=True, max_length=max_length) if max_length else {}
+    kw = {"truncation": True, "max_length": max_length} if max_length else {}
     anchor = anchor_tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True,
                               return_attention_mask=False, **kw)
     out: dict[str, list] = {
