@@ -100,6 +100,7 @@ def test_feature_cache_runs_no_backbone_on_a_hit(standin_paths, tmp_path, monkey
 
 def test_cache_over_its_limit_is_refused_with_the_estimate(standin_paths, tmp_path):
     cfg = tiny(tmp_path, train__cache_limit_gb=1e-6)
+    cfg["data"]["seed"] = 11  # data no other test caches: a miss, so the limit applies
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     result = run_cli(["--config", str(path), "--cache-features"])
