@@ -300,3 +300,10 @@ class FusionModel(nn.Module):
         loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.to(logits.device).flatten(),
                                            ignore_index=-100)
         return FusionOutput(loss=loss, logits=logits)
+
+    def generate(self, prompts: list[str] | str, **kwargs):
+        """Generate with an LM fusion model: the anchor decodes with its KV cache, the other backbones see the
+        growing text re-tokenized and causally re-aligned each step. See `fusion_llm.generation.generate`."""
+        from fusion_llm.generation import generate
+
+        return generate(self, prompts, **kwargs)

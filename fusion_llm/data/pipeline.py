@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -149,10 +150,22 @@ def align_splits(ds: DatasetDict, anchor_tokenizer, source_tokenizers: dict, tex
                  max_length: int) -> DatasetDict:
     """Tokenize every split with the anchor and each source and compute the causal alignment once
     per example (``Dataset.map``; stored with the example, never recomputed in the training step)."""
+    import fusion_llm.alignment
     from fusion_llm.alignment import make_align_fn
 
     fn = make_align_fn(anchor_tokenizer, source_tokenizers, text_column=text_column, max_length=max_length)
-    out = ds.map(fn, batched=True, remove_columns=ds["train"].column_names, desc="aligning")
+    # datasets would fingerprint `fn` by pickling the tokenizers it holds (about a minute for Gemma's 262k
+    # vocabulary); name the result by what determines it instead: data, tokenizers, settings and the code.
+    code = [Path(fusion_llm.alignment.__file__), Path(fn.__code__.co_filename)]
+    tokenizers = [anchor_tokenizer, *[source_tokenizers[n] for n in sorted(source_tokenizers)]]
+    key = hashlib.sha256(repr(([hashlib.sha256(t.backend_tokenizer.to_str().encode()).hexdigest() for t in tokenizers],
+                               sorted(source_tokenizers), text_column, max_length, fn.__qualname__,
+                               [hashlib.sha256(p.read_bytes()).hexdigest() for p in code])).encode()).hexdigest()
+    out = DatasetDict({
+        split: d.map(fn, batched=True, remove_columns=d.column_names, desc="aligning",
+                     new_fingerprint=hashlib.sha256(f"{d._fingerprint}:{key}".encode()).hexdigest()[:16])
+        for split, d in ds.items()
+    })
     return out.remove_columns(["offset_mapping"])
 
 

@@ -1,0 +1,160 @@
+"""Feature fusion vs mergekit merges (linear, TIES, DARE, task arithmetic) vs the seed's grokking transformer.
+
+    python benchmarks/compare_merges.py                      # quick preset, both tracks
+    python benchmarks/compare_merges.py --track grokking     # the grokking track alone
+    python benchmarks/compare_merges.py --preset full        # 3 seeds, the seed's budget; hours, resumable
+    python benchmarks/compare_merges.py --preset micro --out /tmp/cm   # smoke run (< 60 s)
+
+The grokking track (`fusion_llm.comparison.grokking_track`): four homogeneous experts (a small
+`LlamaForCausalLM` over the grokking vocabulary, fine-tuned from one shared base), their merges by
+mergekit, feature fusion of the frozen experts (one head per fusion method), four stand-ins of four
+families fused, and the controls (experts alone, a head-sized model from scratch on the union, the
+seed baseline). The LM track belongs to `benchmarks/lm_track.py` (``run_lm_track(preset, out_dir)``).
+
+Writes ``results/compare_merges/<preset>/results.json``, ``results.md`` and three PNG plots, and
+prints the table. Finished stages are cached under ``<out>/cache/grokking`` by a hash of their recipe,
+so an interrupted run resumes where it stopped (``--fresh`` deletes that cache first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import importlib.util
+import inspect
+import os
+import platform
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from fusion_llm.comparison.presets import FAMILY_TASKS, PRESETS, get_preset  # noqa: E402
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process (user + system): what the run costs on otherwise idle cores."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def quiet_libraries() -> None:
+    """No per-call progress bars from transformers / datasets (hundreds of model loads and maps)."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+
+
+def machine(threads: int) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = cpu
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"description": f"{model}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+            "cpu_count": os.cpu_count(), "torch_threads": threads, "load_average_start": load,
+            "platform": platform.platform()}
+
+
+def schedules(preset) -> str:
+    from fusion_llm.baselines.grokking_transformer import get_schedule
+
+    baseline = get_schedule(preset.baseline)
+    if preset.baseline_updates is not None:
+        baseline = dataclasses.replace(baseline, num_updates=preset.baseline_updates)
+    parts = [f"seed baseline {baseline.num_updates} updates x batch {baseline.batch_size} per task"]
+    for name in ("base", "expert", "scratch", "head", "family"):
+        s = getattr(preset, name)
+        parts.append(f"{name} {s.num_updates} x {s.batch_size}")
+    return "; ".join(parts) + " (updates x batch; AdamW lr 1e-3, betas (0.9, 0.98), wd 0.5, warmup 50 for all)"
+
+
+def run_grokking(preset, out_dir: Path, use_cache: bool, threads: int) -> dict:
+    from fusion_llm.comparison.grokking_track import run_grokking_track
+    from fusion_llm.comparison.report import aggregate, check_targets, render_table, write_results
+
+    started, cpu_started = time.perf_counter(), cpu_seconds()
+    info = machine(threads)
+    track = run_grokking_track(preset, out_dir / "cache" / "grokking", use_cache=use_cache)
+    methods = aggregate(track["seeds"])
+    refusal = methods.get("families merge (mergekit)", {}).get("details", {})
+    results = {
+        "preset": preset.name, "track": "grokking", "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": {**info, "load_average_end": os.getloadavg()}, "wall_s": time.perf_counter() - started,
+        "cpu_s": cpu_seconds() - cpu_started, "config": preset.to_dict(), "schedules": schedules(preset),
+        "family_tasks": FAMILY_TASKS,
+        "split_sizes": track["split_sizes"], "cache": {"hits": track["cache_hits"], "misses": track["cache_misses"]},
+        "methods": methods, "targets": check_targets(methods), "mergekit_refusal": refusal,
+        "notes": [
+            "Validation rows are the seed's 50% split (seeded, split seed recorded); merge settings are chosen on a "
+            f"holdout of {preset.holdout_fraction:.0%} of each task's training pairs, which no method trains on "
+            "(the seed baseline trains on its full training half).",
+            "Fusion step counts are updates of the head alone, on top of the experts' own training "
+            "(see `+ experts s` in the cost table); a step is only 'reached' when val acc > 0.99 on every seed.",
+            "Normalized accuracy divides by the own expert's val acc; where that expert is near chance "
+            "(about 0.01) the ratio is noise, not a result.",
+            "Frozen experts are loaded through fusion_llm.backbones.load_backbone "
+            f"(quantization: {preset.quantization}); family stand-ins train with frozen token embeddings.",
+        ],
+    }
+    paths = write_results(results, out_dir)
+    print(render_table(results))
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return results
+
+
+def run_lm(preset_name: str, out_dir: Path, use_cache: bool = True) -> None:
+    path = ROOT / "benchmarks" / "lm_track.py"
+    if not path.is_file():
+        print("the LM track is not available yet (benchmarks/lm_track.py does not exist)")
+        return
+    spec = importlib.util.spec_from_file_location("lm_track", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "run_lm_track"):
+        print("the LM track is not available yet (benchmarks/lm_track.py has no run_lm_track)")
+        return
+    options = {"use_cache": use_cache} if "use_cache" in inspect.signature(module.run_lm_track).parameters else {}
+    module.run_lm_track(preset_name, out_dir, **options)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="micro, quick (default) or full")
+    parser.add_argument("--track", default="all", choices=("grokking", "lm", "all"))
+    parser.add_argument("--out", default=None, help="output folder (default results/compare_merges/<preset>)")
+    parser.add_argument("--fresh", action="store_true", help="delete this preset's cache first and recompute "
+                        "everything (the stand-ins and tokenizers in the fusion_llm cache are kept)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1: on 2 shared cores, 2 threads can run 10-40x slower)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the preset's seeds")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    quiet_libraries()
+    preset = get_preset(args.preset)
+    if args.seeds:
+        preset = dataclasses.replace(preset, seeds=tuple(args.seeds))
+    out_dir = Path(args.out) if args.out else ROOT / "results" / "compare_merges" / preset.name
+    if args.track in ("grokking", "all"):
+        if args.fresh and (out_dir / "cache" / "grokking").is_dir():
+            shutil.rmtree(out_dir / "cache" / "grokking")  # this track's models, merges, heads and features
+        run_grokking(preset, out_dir, use_cache=True, threads=args.threads)
+    if args.track in ("lm", "all"):
+        run_lm(preset.name, out_dir, use_cache=not args.fresh)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""benchmarks/compare_merges.py: the micro preset runs end to end, writes its files and keys, and resumes."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fusion_llm.comparison.report import mean_stderr
+from fusion_llm.comparison.store import Store
+from fusion_llm.data.grokking import TASKS
+from fusion_llm.merging import MERGE_METHODS
+
+from conftest import NEEDS_TOKENIZERS
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED_FORMAT = ("final_train_loss_mean", "final_val_loss_mean", "final_train_acc_mean", "final_val_acc_mean",
+               "step_val_acc_99_mean")
+FUSIONS = ("concat", "weighted", "gated", "attention")
+
+
+def _load_cli():
+    spec = importlib.util.spec_from_file_location("compare_merges", ROOT / "benchmarks" / "compare_merges.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    """One micro run (and a second one over the same output folder, which must come from the cache)."""
+    out = tmp_path_factory.mktemp("compare_merges")
+    cli = _load_cli()
+    threads = torch.get_num_threads()
+    try:
+        assert cli.main(["--preset", "micro", "--track", "grokking", "--out", str(out)]) == 0
+        first = json.loads((out / "results.json").read_text())
+        assert cli.main(["--preset", "micro", "--track", "grokking", "--out", str(out)]) == 0
+        second = json.loads((out / "results.json").read_text())
+    finally:
+        torch.set_num_threads(threads)
+    return out, first, second
+
+
+@NEEDS_TOKENIZERS
+def test_micro_writes_results_table_and_plots(micro_run):
+    out, results, _ = micro_run
+    for name in ("results.json", "results.md", "val_acc_vs_step.png", "accuracy_by_method.png",
+                 "accuracy_vs_inference.png"):
+        assert (out / name).is_file(), name
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "results.md").read_text()
+    assert "| method | track | x+y |" in table and "merge ties" in table and "fusion attention" in table
+    assert not list(out.glob(".*.tmp*")), "a temporary file was left behind"
+    assert results["preset"] == "micro" and results["config"]["seeds"] == [0]
+
+
+@NEEDS_TOKENIZERS
+def test_every_method_reports_the_seed_format(micro_run):
+    _, results, _ = micro_run
+    methods = results["methods"]
+    expected = (["base (union)", "scratch (union, head-sized)", "seed baseline"]
+                + [f"expert {t}" for t in TASKS] + [f"merge {m}" for m in MERGE_METHODS]
+                + [f"fusion {f}" for f in FUSIONS] + [f"families fusion {f}" for f in FUSIONS])
+    for name in expected:
+        method = methods[name]
+        for key in SEED_FORMAT + ("normalized_acc_mean", "trainable_params_mean", "total_params_mean", "wall_s_mean",
+                                  "inference_ms_per_1000_mean", "inference_peak_mib_mean"):
+            assert key in method, (name, key)
+        assert set(method["per_task"]) == set(TASKS)
+        for task in TASKS:
+            entry = method["per_task"][task]
+            assert 0.0 <= entry["final_val_acc_mean"] <= 1.0 and entry["final_val_loss_mean"] > 0
+            assert "normalized_acc_mean" in entry and "step_val_acc_99_mean" in entry
+    # Merges do not train (no step counts); fusion heads do, on every task.
+    assert all(methods["merge ties"]["per_task"][t]["step_val_acc_99_mean"] is None for t in TASKS)
+    assert all(methods["fusion concat"]["per_task"][t]["step_val_acc_99_mean"] is not None for t in TASKS)
+    # An expert is its own reference for normalized accuracy on its task.
+    assert methods["expert x_plus_y"]["per_task"]["x_plus_y"]["normalized_acc_mean"] in (None, 1.0)
+    # The head-sized control really is head-sized; fusion counts the frozen experts in its total.
+    head = methods["fusion concat"]["trainable_params_mean"]
+    assert abs(methods["scratch (union, head-sized)"]["trainable_params_mean"] - head) <= 0.05 * head
+    assert methods["fusion concat"]["total_params_mean"] > head
+
+
+@NEEDS_TOKENIZERS
+def test_merge_choices_and_refusal_are_recorded(micro_run):
+    _, results, _ = micro_run
+    for method in MERGE_METHODS:
+        details = results["methods"][f"merge {method}"]["details"][0]
+        assert details["chosen_on"] == "holdout slice of train"
+        assert details["mergekit_recipe"]["merge_method"] == method
+        assert len(details["candidates"]) >= 1
+    refusal = results["mergekit_refusal"]
+    assert "allow-crimes" in refusal["refused"]
+    assert refusal["refused_with_allow_crimes"]  # mergekit fails again when told to try anyway
+    assert set(results["targets"]) == {f"fusion {f}" for f in FUSIONS} | {f"families fusion {f}" for f in FUSIONS}
+
+
+@NEEDS_TOKENIZERS
+def test_second_run_resumes_from_the_cache(micro_run):
+    _, first, second = micro_run
+    assert second["cache"]["misses"] == 0 and second["cache"]["hits"] == first["cache"]["misses"]
+    gated = [run["methods"]["fusion gated"]["final_val_acc_mean"] for run in (first, second)]
+    assert gated[0] == gated[1]
+
+
+def test_lm_track_is_optional(tmp_path, capsys):
+    cli = _load_cli()
+    if (ROOT / "benchmarks" / "lm_track.py").is_file():
+        pytest.skip("benchmarks/lm_track.py exists; its own tests cover it")
+    cli.run_lm("micro", tmp_path)
+    assert "not available yet" in capsys.readouterr().out
+
+
+def test_store_is_keyed_by_recipe(tmp_path):
+    store = Store(tmp_path, log=lambda *_: None)
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"value": len(calls)}
+
+    assert store.stage("x", {"a": 1}, "x", compute) == {"value": 1}
+    assert store.stage("x", {"a": 1}, "x", compute) == {"value": 1}
+    assert store.stage("x", {"a": 2}, "x", compute) == {"value": 2}
+    assert len(calls) == 2
+
+
+def test_mean_stderr():
+    assert mean_stderr([1.0]) == (1.0, 0.0)
+    mean, stderr = mean_stderr([1.0, 2.0, 3.0])
+    assert mean == 2.0 and abs(stderr - (1.0 / 3**0.5)) < 1e-12
+    assert mean_stderr([None]) == (None, None)
+
+
+@pytest.mark.parametrize("name", ["micro", "quick", "full"])
+def test_presets_search_every_merge_method(name):
+    from mergekit.config import MergeConfiguration
+
+    from fusion_llm.comparison.grokking_track import expand_grid
+    from fusion_llm.comparison.presets import get_preset
+    from fusion_llm.merging import merge_recipe
+
+    preset = get_preset(name)
+    assert set(preset.merge_grid) == set(MERGE_METHODS)
+    for method, grid in preset.merge_grid.items():
+        for parameters in expand_grid(grid):  # every candidate is a valid mergekit recipe
+            base = None if method == "linear" else "base"
+            MergeConfiguration.model_validate(merge_recipe({t: t for t in TASKS}, method, parameters, base=base))
+    assert preset.seeds == ((0, 1, 2) if name == "full" else (0,))

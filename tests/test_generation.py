@@ -1,0 +1,153 @@
+"""generate(): greedy decoding equals the step-by-step argmax of the full fused forward on the same text
+(KV cache, left padding and per-step re-alignment included), an untrained head generates exactly what
+the anchor generates alone, and sampling / stop tokens behave. Also: an untrained fused model scores
+the anchor's bits/byte exactly (the metric goes through the same fused path)."""
+
+import pytest
+import torch
+
+from fusion_llm.alignment import align_source
+from fusion_llm.generation import generate, text_and_offsets
+
+PROMPTS = ["The quick brown fox", "def add(a, b):\n    return", "Whan that Aprille with his shoures soote, the droghte"]
+
+
+def lm_config(paths):
+    from fusion_llm.config import FusionConfig
+
+    names = {"llama3": "llama", "mistral": "mistral", "gemma2": "gemma", "phi3": "phi"}
+    backbones = [{"name": names[f], "model": paths[f], "tap_layers": [2, -1], "compute_dtype": "float32",
+                      "anchor": (f == "mistral")} for f in ("mistral", "llama3", "gemma2", "phi3")]
+    return FusionConfig(backbones=backbones, shared_width=64, fusion={"method": "concat", "hidden": 128},
+                        head={"kind": "lm"})
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on 2 shared cores, 2 threads can be many times slower
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def lm_backbones(standin_paths):
+    from fusion_llm.modeling import FusionModel
+
+    return FusionModel.load_backbones(lm_config(standin_paths))
+
+
+def fused_model(standin_paths, lm_backbones, scale=None):
+    """A fused LM over the stand-ins; ``scale`` randomises the head so the sources change the logits."""
+    from fusion_llm.modeling import FusionModel
+
+    model = FusionModel(lm_config(standin_paths), lm_backbones)
+    if scale is not None:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in model.head.parameters():
+                p.normal_(0.0, scale)
+    return model
+
+
+def full_forward_argmax(model, prompt: str, new_ids: list[int]) -> int:
+    """Next anchor token by argmax of `FusionModel.lm_forward` on the whole text (no cache, no padding)."""
+    anchor = model.anchor
+    enc = anchor.tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)
+    text, offsets = text_and_offsets(anchor.tokenizer, prompt, enc["offset_mapping"], enc["input_ids"], new_ids)
+    anchor_ids = torch.tensor([enc["input_ids"] + new_ids])
+    inputs = {anchor.name: {"input_ids": anchor_ids, "attention_mask": torch.ones_like(anchor_ids)}}
+    alignment = {}
+    for name, backbone in model.backbones.items():
+        if name == anchor.name:
+            continue
+        ids, index = align_source(text, offsets, backbone.tokenizer)
+        ids = ids[: max(max(index) + 1, 1)]
+        inputs[name] = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+        alignment[name] = torch.tensor([index])
+    with torch.no_grad():
+        logits = model.lm_forward(inputs, alignment).logits
+    return int(logits[0, -1].argmax())
+
+
+def test_greedy_equals_stepwise_argmax_of_the_full_fused_forward(standin_paths, lm_backbones):
+    model = fused_model(standin_paths, lm_backbones, scale=0.3)
+    out = generate(model, PROMPTS, max_new_tokens=6, stop_tokens=[])
+    assert out.sequences.shape == (len(PROMPTS), out.sequences.shape[1])
+    for prompt, new_ids in zip(PROMPTS, out.new_tokens):
+        assert len(new_ids) == 6
+        for k in range(len(new_ids)):
+            assert full_forward_argmax(model, prompt, new_ids[:k]) == new_ids[k], (prompt, k)
+    # the sources matter here: the anchor alone would have generated something else
+    plain = generate(fused_model(standin_paths, lm_backbones), PROMPTS, max_new_tokens=6, stop_tokens=[])
+    assert plain.new_tokens != out.new_tokens
+    assert out.timings["source_runs"] > 0 and out.timings["generated_tokens"] == 6 * len(PROMPTS)
+
+
+def test_untrained_head_generates_what_the_anchor_generates_alone(standin_paths, lm_backbones):
+    from transformers import AutoModelForCausalLM
+
+    from fusion_llm.backbones import quantization_config
+
+    model = fused_model(standin_paths, lm_backbones)
+    out = generate(model, PROMPTS, max_new_tokens=8)
+    anchor = model.anchor
+    reference = AutoModelForCausalLM.from_pretrained(anchor.spec.model, dtype=torch.float32,
+                                                     quantization_config=quantization_config(anchor.spec))
+    tokenizer = anchor.tokenizer
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = "right"
+    with torch.no_grad():
+        ref = reference.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+    width = enc["input_ids"].shape[1]
+    for i, new_ids in enumerate(out.new_tokens):
+        expected = ref[i, width:].tolist()
+        if tokenizer.eos_token_id in expected:
+            expected = expected[: expected.index(tokenizer.eos_token_id) + 1]
+        assert new_ids == expected
+    assert torch.equal(out.sequences[:, :width], enc["input_ids"])
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(standin_paths, lm_backbones):
+    model = fused_model(standin_paths, lm_backbones, scale=0.3)
+    greedy = generate(model, PROMPTS[:2], max_new_tokens=4, stop_tokens=[])
+    top1 = generate(model, PROMPTS[:2], max_new_tokens=4, do_sample=True, top_k=1, seed=1, stop_tokens=[])
+    assert top1.new_tokens == greedy.new_tokens
+    a = generate(model, PROMPTS[:2], max_new_tokens=4, do_sample=True, temperature=1.5, seed=7, stop_tokens=[])
+    b = generate(model, PROMPTS[:2], max_new_tokens=4, do_sample=True, temperature=1.5, seed=7, stop_tokens=[])
+    c = generate(model, PROMPTS[:2], max_new_tokens=4, do_sample=True, temperature=1.5, seed=8, stop_tokens=[])
+    assert a.new_tokens == b.new_tokens != c.new_tokens
+
+
+def test_a_stop_token_ends_that_prompt_only(standin_paths, lm_backbones):
+    model = fused_model(standin_paths, lm_backbones, scale=0.3)
+    free = generate(model, PROMPTS, max_new_tokens=5, stop_tokens=[])
+    stop = free.new_tokens[0][1]  # a token the first prompt generates second (or earlier)
+    out = generate(model, PROMPTS, max_new_tokens=5, stop_tokens=[stop])
+    for mine, theirs in zip(out.new_tokens, free.new_tokens):
+        cut = theirs.index(stop) + 1 if stop in theirs else len(theirs)
+        assert mine == theirs[:cut]
+    assert len(out.new_tokens[0]) <= 2
+    width = out.sequences.shape[1] - max(len(x) for x in out.new_tokens)
+    first = out.new_tokens[0]
+    assert out.sequences[0, width: width + len(first)].tolist() == first
+    assert (out.sequences[0, width + len(first):] == model.anchor.tokenizer.pad_token_id).all()
+    with pytest.raises(ValueError, match="single token"):
+        generate(model, PROMPTS, max_new_tokens=1, stop_tokens=["not one token at all"])
+
+
+def test_untrained_fused_model_scores_the_anchors_bits_per_byte(standin_paths, lm_backbones):
+    from fusion_llm.lm_eval import backbone_logits_fn, score_causal_lm, score_fused
+
+    texts = [p + " and then some more words." for p in PROMPTS]
+    model = fused_model(standin_paths, lm_backbones)
+    fused = score_fused(model, texts, batch_size=2)
+    alone = score_causal_lm(backbone_logits_fn(model.anchor), model.anchor.tokenizer, texts, batch_size=2)
+    assert (fused.tokens, fused.bytes) == (alone.tokens, alone.bytes)
+    assert fused.bits_per_byte == pytest.approx(alone.bits_per_byte, rel=1e-5)
+    trained = score_fused(fused_model(standin_paths, lm_backbones, scale=0.3), texts, batch_size=2)
+    assert trained.bits_per_byte != pytest.approx(alone.bits_per_byte, rel=1e-3)
