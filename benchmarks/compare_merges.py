@@ -114,8 +114,8 @@ def run_grokking(preset, out_dir: Path, use_cache: bool, threads: int) -> dict:
     return results
 
 
-def run_lm(preset_name: str, out_dir: Path, use_cache: bool = True) -> None:
-    path = ROOT / "benchmarks" / "lm_track.py"
+def run_lm(preset_name: str, out_dir: Path, use_cache: bool = True, path: Path = ROOT / "benchmarks" / "lm_track.py"):
+    """The LM track: ``run_lm_track(preset, out_dir)`` of ``benchmarks/lm_track.py`` when it exists."""
     if not path.is_file():
         print("the LM track is not available yet (benchmarks/lm_track.py does not exist)")
         return
@@ -126,7 +126,7 @@ def run_lm(preset_name: str, out_dir: Path, use_cache: bool = True) -> None:
         print("the LM track is not available yet (benchmarks/lm_track.py has no run_lm_track)")
         return
     options = {"use_cache": use_cache} if "use_cache" in inspect.signature(module.run_lm_track).parameters else {}
-    module.run_lm_track(preset_name, out_dir, **options)
+    return module.run_lm_track(preset_name, out_dir, **options)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,12 +107,15 @@ def test_second_run_resumes_from_the_cache(micro_run):
     assert gated[0] == gated[1]
 
 
-def test_lm_track_is_optional(tmp_path, capsys):
+def test_lm_track_is_called_when_present(tmp_path, capsys):
     cli = _load_cli()
-    if (ROOT / "benchmarks" / "lm_track.py").is_file():
-        pytest.skip("benchmarks/lm_track.py exists; its own tests cover it")
-    cli.run_lm("micro", tmp_path)
+    cli.run_lm("micro", tmp_path, path=tmp_path / "lm_track.py")
     assert "not available yet" in capsys.readouterr().out
+    fake = tmp_path / "lm_track.py"
+    fake.write_text("def run_lm_track(preset, out_dir, *, use_cache=True):\n"
+                    "    return {'preset': preset, 'out_dir': str(out_dir), 'use_cache': use_cache}\n")
+    assert cli.run_lm("quick", tmp_path, use_cache=False, path=fake) == {
+        "preset": "quick", "out_dir": str(tmp_path), "use_cache": False}
 
 
 def test_store_is_keyed_by_recipe(tmp_path):

@@ -138,6 +138,7 @@ def test_a_stop_token_ends_that_prompt_only(standin_paths, lm_backbones):
     assert (out.sequences[0, width + len(first):] == model.anchor.tokenizer.pad_token_id).all()
     with pytest.raises(ValueError, match="single token"):
         generate(model, PROMPTS, max_new_tokens=1, stop_tokens=["not one token at all"])
+    assert model.generate(PROMPTS[0], max_new_tokens=3, stop_tokens=[]).new_tokens == [free.new_tokens[0][:3]]
 
 
 def test_untrained_fused_model_scores_the_anchors_bits_per_byte(standin_paths, lm_backbones):

