@@ -270,7 +270,7 @@ def train_lora(preset: LMPreset, anchor_dir: Path, target_params: int, cache: Pa
 
     from fusion_llm.backbones import quantization_config
     from fusion_llm.data.corpora import load_corpus
-    from fusion_llm.data.pipeline import LMCollator
+    from fusion_llm.data.pipeline import pad_right
 
     spec = backbone_spec(ANCHOR, anchor_dir, preset, anchor=True)
     model = AutoModelForCausalLM.from_pretrained(str(anchor_dir), dtype=torch.float32,
@@ -297,7 +297,7 @@ def train_lora(preset: LMPreset, anchor_dir: Path, target_params: int, cache: Pa
     while step < preset.head_steps:
         order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(epoch)).tolist()
         for start in range(0, len(order) - preset.head_batch + 1, preset.head_batch):
-            ids, mask = LMCollator._pad([seqs[i] for i in order[start:start + preset.head_batch]], pad)
+            ids, mask = pad_right([seqs[i] for i in order[start:start + preset.head_batch]], pad)
             labels = ids.masked_fill(mask == 0, -100)  # transformers shifts the labels itself
             loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
             loss.backward()

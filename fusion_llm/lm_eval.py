@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from fusion_llm.alignment import align_batch
-from fusion_llm.data.pipeline import LMCollator
+from fusion_llm.data.pipeline import LMCollator, pad_right
 
 
 @dataclass
@@ -88,7 +88,7 @@ def score_causal_lm(logits_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tens
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths together: less padding
     for start in range(0, len(order), batch_size):
         rows = [seqs[i] for i in order[start:start + batch_size]]
-        ids, mask = LMCollator._pad(rows, pad)
+        ids, mask = pad_right(rows, pad)
         labels = torch.cat([ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100), torch.full_like(ids[:, :1], -100)], 1)
         nll, count = _nll_sum(logits_fn(ids, mask), labels)
         score.nll += nll

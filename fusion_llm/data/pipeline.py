@@ -6,7 +6,7 @@ import hashlib
 from pathlib import Path
 
 import torch
-from datasets import Dataset, DatasetDict, load_dataset
+from datasets import DatasetDict, load_dataset
 
 from fusion_llm.config import ConfigError
 from fusion_llm.runconfig import DataConfig
@@ -106,9 +106,7 @@ def tokenize_splits(ds: DatasetDict, tokenizers: dict, text_column: str, label_c
             out[f"{name}_input_ids"] = [x[:limit] for x in ids]
         return out
 
-    keep = set()
-    result = ds.map(encode, batched=True, remove_columns=[c for c in ds["train"].column_names if c not in keep],
-                    desc="tokenizing")
+    result = ds.map(encode, batched=True, remove_columns=ds["train"].column_names, desc="tokenizing")
     for name, count in truncated.items():
         if count:
             import warnings
@@ -116,6 +114,17 @@ def tokenize_splits(ds: DatasetDict, tokenizers: dict, text_column: str, label_c
             warnings.warn(f"backbone {name!r}: {count} examples longer than {max_lengths[name]} tokens were truncated",
                           stacklevel=2)
     return result
+
+
+def pad_right(seqs: list, value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad integer sequences: (ids (B, L) filled with ``value``, mask (B, L) with 1 on real entries)."""
+    length = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), length), value, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return out, mask
 
 
 class Collator:
@@ -128,22 +137,13 @@ class Collator:
         batch = {"labels": torch.tensor([r["labels"] for r in rows])}
         inputs = {}
         for name, pad in self.pad_ids.items():
-            seqs = [r[f"{name}_input_ids"] for r in rows]
-            length = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), length), pad, dtype=torch.long)
-            mask = torch.zeros((len(seqs), length), dtype=torch.long)
-            for i, s in enumerate(seqs):
-                ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-                mask[i, : len(s)] = 1
+            ids, mask = pad_right([r[f"{name}_input_ids"] for r in rows], pad)
             inputs[name] = {"input_ids": ids, "attention_mask": mask}
         batch["inputs"] = inputs
         if "index" in rows[0]:
             batch["index"] = torch.tensor([r["index"] for r in rows])
         return batch
 
-
-def as_dataset(columns: dict) -> Dataset:
-    return Dataset.from_dict(columns)
 
 
 def align_splits(ds: DatasetDict, anchor_tokenizer, source_tokenizers: dict, text_column: str,
@@ -176,25 +176,15 @@ class LMCollator:
         self.anchor = anchor
         self.pad_ids = pad_ids
 
-    @staticmethod
-    def _pad(seqs, value):
-        length = max(len(s) for s in seqs)
-        out = torch.full((len(seqs), length), value, dtype=torch.long)
-        mask = torch.zeros((len(seqs), length), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-            mask[i, : len(s)] = 1
-        return out, mask
-
     def __call__(self, rows: list[dict]) -> dict:
-        ids, mask = self._pad([r["input_ids"] for r in rows], self.pad_ids[self.anchor])
+        ids, mask = pad_right([r["input_ids"] for r in rows], self.pad_ids[self.anchor])
         labels = torch.cat([ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100), torch.full_like(ids[:, :1], -100)], 1)
         inputs = {self.anchor: {"input_ids": ids, "attention_mask": mask}}
         alignment = {}
         for name, pad in self.pad_ids.items():
             if name == self.anchor:
                 continue
-            src, src_mask = self._pad([r[f"{name}_input_ids"] for r in rows], pad)
+            src, src_mask = pad_right([r[f"{name}_input_ids"] for r in rows], pad)
             inputs[name] = {"input_ids": src, "attention_mask": src_mask}
-            alignment[name], _ = self._pad([r[f"{name}_align"] for r in rows], -1)
+            alignment[name], _ = pad_right([r[f"{name}_align"] for r in rows], -1)
         return {"inputs": inputs, "alignment": alignment, "labels": labels}
