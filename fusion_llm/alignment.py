@@ -708,8 +708,9 @@ def align_source(
     *,
     source_encoding: tuple | None = None,
     verify: bool = False,
+    tails: bool = False,
     stats: AlignmentStats | None = None,
-) -> tuple[list[int], list[int]]:
+) -> tuple[list[int], list[int]] | tuple[list[int], list[int], list[list[int]]]:
     """Align one source tokenizer onto the anchor tokens of one text.
 
     Args:
@@ -722,12 +723,18 @@ def align_source(
         verify: re-tokenize every anchor prefix (batched) and check the settled tokens against
             the full-text tokens; mismatches fall back to the agreeing part and are counted.
             O(T * len(text)): for tests, audits and sampled checks, not the default pipeline.
+        tails: also return, per anchor token, the source's *unsettled tail*: the tokens of
+            ``tokenize(text[:end_t])`` after the settled ones (post-processor tokens such as EOS
+            left out). Settled tokens + tail = the source's own tokenization of exactly what the
+            anchor has seen, so a source fed both has no lag behind the anchor (a settled token
+            alone trails it by about a word). Implies ``verify`` (the prefixes are tokenized anyway).
         stats: counters to update (default :data:`ALIGNMENT_STATS`).
 
     Returns:
         ``(source_input_ids, index)``: the source's ids for the full text (special tokens
         included, as its backbone runs on them) and, per anchor token, the index into them of
-        the last settled source token, ``-1`` when none is.
+        the last settled source token, ``-1`` when none is; with ``tails=True`` a third list,
+        the tail ids per anchor token (often empty).
 
     Raises:
         ValueError: for a slow source tokenizer.
@@ -754,20 +761,53 @@ def align_source(
     left = _token_left_ends(offsets, smask)
     index = np.searchsorted(left, cuts, side="right") - 1
 
-    if verify and ends.size:
-        index = _verify(text, ends, cuts, index, list(ids), source_tokenizer, stats)
+    tail_ids = None
+    if (verify or tails) and ends.size:
+        index, tail_ids = _verify(text, ends, cuts, index, list(ids), source_tokenizer, stats)
+    elif tails:
+        tail_ids = []
 
     stats.examples += 1
     stats.anchor_positions += int(index.size)
     stats.nothing_positions += int((index < 0).sum())
+    if tails:
+        return list(ids), index.tolist(), tail_ids
     return list(ids), index.tolist()
 
 
-def _verify(text, ends, cuts, index, ids, tokenizer, stats) -> np.ndarray:
-    """Re-tokenize each distinct anchor prefix and compare with the full-text tokens."""
+def _prefix_tokens(enc, u: int) -> list[int]:
+    """The ids of encoding ``u`` without the post-processor tokens after the text (EOS: special, zero width)."""
+    ids = enc["input_ids"][u]
+    offsets, special = enc["offset_mapping"][u], enc["special_tokens_mask"][u]
+    n, lead = len(ids), _leading(special, offsets)
+    while n > lead and special[n - 1] and offsets[n - 1][0] == offsets[n - 1][1]:
+        n -= 1
+    return list(ids[:n])
+
+
+def prefix_tokens(tokenizer, prefix: str) -> list[int]:
+    """A source's ids of ``prefix`` without post-processor tokens after it: its settled tokens + unsettled tail."""
+    return _prefix_tokens(_encode(tokenizer, [prefix]), 0)
+
+
+def _leading(special, offsets) -> int:
+    """How many leading post-processor tokens (BOS) an encoding has."""
+    k = 0
+    while k < len(special) and special[k] and offsets[k][0] == offsets[k][1]:
+        k += 1
+    return k
+
+
+def _verify(text, ends, cuts, index, ids, tokenizer, stats) -> tuple[np.ndarray, list[list[int]]]:
+    """Re-tokenize each distinct anchor prefix and compare with the full-text tokens.
+
+    Returns the (possibly lowered) index and, per anchor position, the prefix's tokens after it: its
+    unsettled tail (see ``align_source(tails=True)``).
+    """
     uniq, inverse = np.unique(ends, return_inverse=True)
     enc = _encode(tokenizer, [text[:e] for e in uniq.tolist()])
     index = index.copy()
+    tails_u = []
     for u in range(uniq.size):
         sel = inverse == u
         j = int(index[sel][0])
@@ -776,17 +816,18 @@ def _verify(text, ends, cuts, index, ids, tokenizer, stats) -> np.ndarray:
                                 np.asarray(enc["special_tokens_mask"][u]))
         j_prefix = int(np.searchsorted(left, cuts[sel][0], side="right")) - 1
         stats.verified_positions += int(sel.sum())
-        if j_prefix == j and p_ids[: j + 1] == ids[: j + 1]:
-            continue
-        lcp = 0
-        for a, b in zip(p_ids, ids):
-            if a != b:
-                break
-            lcp += 1
-        index[sel] = min(j, j_prefix, lcp - 1)
-        stats.verify_failures += int(sel.sum())
-        stats.failures_by_source[_name(tokenizer)] += int(sel.sum())
-    return index
+        if not (j_prefix == j and p_ids[: j + 1] == ids[: j + 1]):
+            lcp = 0
+            for a, b in zip(p_ids, ids):
+                if a != b:
+                    break
+                lcp += 1
+            j = min(j, j_prefix, lcp - 1)
+            index[sel] = j
+            stats.verify_failures += int(sel.sum())
+            stats.failures_by_source[_name(tokenizer)] += int(sel.sum())
+        tails_u.append(_prefix_tokens(enc, u)[j + 1:])
+    return index, [tails_u[u] for u in inverse.tolist()]
 
 
 def _name(tokenizer) -> str:
@@ -803,6 +844,62 @@ def source_keys(name: str) -> tuple[str, str]:
     return f"{name}_input_ids", f"{name}_align"
 
 
+#: Extra columns of a source packed with its tails (``align_batch(tails=True)``), per packed token.
+TAIL_COLUMNS = ("group", "ctx", "pos")
+
+
+def pack_tails(ids: list[int], index: list[int], tails: list[list[int]]) -> dict[str, list[int]]:
+    """One source sequence that gives every anchor position its tokenization of exactly the anchor's prefix.
+
+    The settled full-text tokens come first (``ids``, already trimmed); then, for each distinct
+    ``(index, tail)`` with a non-empty tail, its tail tokens. A tail token attends to the settled
+    tokens ``0..index`` and to the earlier tokens of its own tail, at the positions it has in the
+    prefix's own encoding - so its hidden state is the source's, run on ``tokenize(prefix)``.
+
+    Returns:
+        ``input_ids`` (settled + tails), ``align`` (per anchor position, the packed index of its last
+        token: the tail's last, or the settled ``index``; ``-1`` none), and per packed token ``group``
+        (``-1`` settled, else the tail's number), ``ctx`` (settled tokens visible to it) and ``pos``
+        (its position id). `tail_attention_mask` turns them into the attention mask.
+    """
+    n = len(ids)
+    out = {"input_ids": list(ids), "group": [-1] * n, "ctx": list(range(1, n + 1)), "pos": list(range(n))}
+    last_of: dict[tuple, int] = {}  # (index, tail) -> packed index of the tail's last token
+    align = []
+    for j, tail in zip(index, tails):
+        if not tail:
+            align.append(j)
+            continue
+        key = (j, tuple(tail))
+        if key not in last_of:
+            out["group"] += [len(last_of)] * len(tail)
+            out["input_ids"] += tail
+            out["ctx"] += [j + 1] * len(tail)
+            out["pos"] += list(range(j + 1, j + 1 + len(tail)))
+            last_of[key] = len(out["input_ids"]) - 1
+        align.append(last_of[key])
+    out["align"] = align
+    return out
+
+
+def tail_attention_mask(group, ctx):
+    """The (B, 1, P, P) boolean attention mask (True = attend) of sequences packed by `pack_tails`.
+
+    Args:
+        group: (B, P) long tensor, ``-1`` settled tokens, ``>= 0`` tail number, anything else padding.
+        ctx: (B, P) long tensor, how many settled tokens each packed token sees.
+    """
+    import torch
+
+    p = group.shape[1]
+    idx = torch.arange(p, device=group.device)
+    settled_key = (group == -1)[:, None, :] & (idx[None, None, :] < ctx[:, :, None])
+    same_tail = ((group[:, :, None] == group[:, None, :]) & (group[:, :, None] >= 0)
+                 & (idx[None, None, :] <= idx[None, :, None]))
+    self_only = torch.eye(p, dtype=torch.bool, device=group.device)[None]  # padding rows attend to themselves
+    return (settled_key | same_tail | self_only).unsqueeze(1)
+
+
 def align_batch(
     texts: Sequence[str],
     anchor_tokenizer,
@@ -811,6 +908,7 @@ def align_batch(
     max_length: int | None = None,
     trim_sources: bool = True,
     verify: bool = False,
+    tails: bool = False,
     stats: AlignmentStats | None = None,
 ) -> dict[str, list]:
     """Tokenize a batch with the anchor and every source and align them (for ``Dataset.map``).
@@ -829,6 +927,11 @@ def align_batch(
             backbone is causal, so the kept positions' features do not change); at least one
             token is kept so the backbone always has an input.
         verify: see :func:`align_source`.
+        tails: pack each source's unsettled tails after its settled tokens (`pack_tails`): the
+            source then sees exactly the anchor's prefix at every position. Adds the columns
+            ``f"{name}_{c}"`` for ``c`` in :data:`TAIL_COLUMNS`; ``f"{name}_align"`` indexes the
+            packed ids. Costs a tokenization of every prefix and about 1-2 tail tokens per
+            anchor token in the source's forward pass.
         stats: counters to update (default :data:`ALIGNMENT_STATS`).
 
     Returns:
@@ -854,14 +957,23 @@ def align_batch(
         enc = _encode(tok, texts)
         ids_key, idx_key = source_keys(name)
         out[ids_key], out[idx_key] = [], []
+        if tails:
+            for c in TAIL_COLUMNS:
+                out[f"{name}_{c}"] = []
         for i, text in enumerate(texts):
-            ids, index = align_source(
+            aligned = align_source(
                 text, anchor["offset_mapping"][i], tok,
                 source_encoding=(enc["input_ids"][i], enc["offset_mapping"][i], enc["special_tokens_mask"][i]),
-                verify=verify, stats=stats,
+                verify=verify, tails=tails, stats=stats,
             )
+            ids, index = aligned[:2]
             if trim_sources:
                 ids = ids[: max(max(index, default=-1) + 1, min(1, len(ids)))]
+            if tails:
+                packed = pack_tails(ids, index, aligned[2])
+                ids, index = packed["input_ids"], packed["align"]
+                for c in TAIL_COLUMNS:
+                    out[f"{name}_{c}"].append(packed[c])
             out[ids_key].append(ids)
             out[idx_key].append(index)
     return out

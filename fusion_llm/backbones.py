@@ -148,26 +148,44 @@ class FrozenBackbone:
 
     @torch.no_grad()
     def taps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-             layers: list[int] | None = None) -> list[torch.Tensor]:
+             layers: list[int] | None = None, position_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Run the (truncated) backbone and return its tapped hidden states.
 
         Args:
             input_ids: (B, L) token ids in this backbone's vocabulary.
-            attention_mask: (B, L), 1 for real tokens.
+            attention_mask: (B, L), 1 for real tokens; or a (B, 1, L, L) boolean mask (True = attend) for
+                packed sequences, converted here to what the model's attention implementation takes.
             layers: absolute layer indices to return instead of ``spec.tap_layers``.
+            position_ids: (B, L) positions (packed sequences); default 0..L-1.
 
         Returns:
             One tensor (B, L, hidden_size) per requested layer (default: ``spec.tap_layers``), in order.
         """
         taps = self.spec.resolved_taps() if layers is None else list(layers)
         device = self.device
+        if attention_mask is not None and attention_mask.dim() == 4:
+            attention_mask = self._custom_mask(attention_mask.to(device))
         out = self.model(
             input_ids=input_ids.to(device),
             attention_mask=None if attention_mask is None else attention_mask.to(device),
+            position_ids=None if position_ids is None else position_ids.to(device),
             output_hidden_states=sorted(set(taps)),
             use_cache=False,
         )
         return [out.hidden_states[t] for t in taps]
+
+    def _custom_mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        """A boolean (B, 1, L, L) mask in the form the model's attention takes as-is (transformers passes a 4D
+        mask through): boolean for sdpa, additive float (0 / dtype minimum) for eager."""
+        kind = self.model.config._attn_implementation
+        if kind == "sdpa":
+            return allowed
+        if kind == "eager":
+            dtype = getattr(torch, self.spec.compute_dtype)
+            return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+                ~allowed, torch.finfo(dtype).min)
+        raise ValueError(f"backbone {self.name!r}: packed source tails need attention 'sdpa' or 'eager', "
+                         f"not {kind!r}; set head.source_tails: false")
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The anchor's own output: final norm, LM head and (Gemma-2) logit soft-capping, on a pre-norm state.

@@ -221,12 +221,17 @@ class HeadSpec:
         num_labels: number of classes (classification).
         pooling: per-backbone pooling of token features for classification: ``last`` non-pad token or ``mean``.
         dropout: dropout before the output layer.
+        source_tails: (lm) feed each source, at every anchor position, its own tokenization of exactly the
+            text the anchor has seen: the settled tokens plus the unsettled tail of the prefix
+            (``fusion_llm.alignment.pack_tails``). Off: a source's feature is its last settled token,
+            about a word behind the anchor (cheaper: no tail tokens in the source's forward pass).
     """
 
     kind: str = "classification"
     num_labels: int = 2
     pooling: str = "last"
     dropout: float = 0.0
+    source_tails: bool = True
 
     def __post_init__(self):
         if self.kind not in HEAD_KINDS:

@@ -6,9 +6,9 @@ re-tokenized with its own tokenizer and re-aligned with the causal rule of `fusi
 every step, so the fused feature at anchor position ``t`` depends only on the text through anchor
 token ``t`` - exactly as in `FusionModel.lm_forward`, which greedy decoding reproduces token for token.
 
-Sources are recomputed, not cached: a source runs over its settled tokens again whenever a new one
-settles (a source token, once settled, never changes, so when none settled since the last step its
-previous feature is reused). `GenerationOutput.timings` splits the time between the anchor, the
+Sources are recomputed, not cached: with ``head.source_tails`` (the default) a source runs over its own
+tokenization of the anchor's prefix at every step where that changed; without, over its settled tokens
+whenever a new one settles (a settled token never changes, so otherwise its previous feature is reused). `GenerationOutput.timings` splits the time between the anchor, the
 sources (tokenization + alignment + forward) and the head.
 
 Text of a generated token: the continuation is what the anchor tokenizer decodes for the prompt's
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fusion_llm.alignment import align_source
+from fusion_llm.alignment import align_source, causal_char_ends, prefix_tokens
 
 
 @dataclass
@@ -115,13 +115,16 @@ def _next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_
 
 
 class _SourceFeatures:
-    """Per prompt and source: the taps at the last settled source token, recomputed only when it moves."""
+    """Per prompt and source: the taps at the source's token for the last anchor position (the end of its
+    tokenization of the anchor's prefix with ``source_tails``, else the last settled token), recomputed only
+    when that token sequence changes."""
 
     def __init__(self, model, batch: int):
         anchor = model.anchor.name
         self.model = model
         self.sources = {n: b for n, b in model.backbones.items() if n != anchor}
-        self.cached = {n: [None] * batch for n in self.sources}  # (index, [tap (H,) per layer]) or None
+        self.cached = {n: [None] * batch for n in self.sources}  # (key, [tap (H,) per layer]) or None
+        self.tails = model.config.head_spec.source_tails
         self.runs = 0
 
     @torch.no_grad()
@@ -131,13 +134,19 @@ class _SourceFeatures:
         for name, backbone in self.sources.items():
             todo = {}
             for r in rows:
-                ids, index = align_source(texts[r], offsets[r], backbone.tokenizer)
-                j = index[-1]
+                if self.tails:  # the source's own tokens of exactly the anchor's prefix (settled + tail)
+                    end = int(causal_char_ends(offsets[r], len(texts[r]))[-1])
+                    seq = prefix_tokens(backbone.tokenizer, texts[r][:end])
+                    key, j = tuple(seq), len(seq) - 1
+                else:  # the last settled token
+                    ids, index = align_source(texts[r], offsets[r], backbone.tokenizer)
+                    j = index[-1]
+                    seq, key = ids[: j + 1], j
                 cached = self.cached[name][r]
-                if j >= 0 and (cached is None or cached[0] != j):
-                    todo[r] = (ids[: j + 1], j)
+                if j >= 0 and (cached is None or cached[0] != key):
+                    todo[r] = (seq, j, key)
                 elif j < 0:
-                    self.cached[name][r] = (j, None)
+                    self.cached[name][r] = (key, None)
             if todo:  # one right-padded batch of every prompt whose settled source prefix grew
                 order = list(todo)
                 length = max(len(todo[r][0]) for r in order)
@@ -150,8 +159,8 @@ class _SourceFeatures:
                 taps = backbone.taps(ids, mask)  # [(n, S, H)] per tap layer
                 self.runs += 1
                 for i, r in enumerate(order):
-                    j = todo[r][1]
-                    self.cached[name][r] = (j, [t[i, j] for t in taps])
+                    _, j, key = todo[r]
+                    self.cached[name][r] = (key, [t[i, j] for t in taps])
             hidden = backbone.hidden_size
             layers = len(backbone.spec.tap_layers)
             taps, index = [], []

@@ -137,7 +137,7 @@ def score_fused(model, texts: list[str], *, batch_size: int = 8) -> LMScore:
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     for start in range(0, len(order), batch_size):
         chunk = [texts[i] for i in order[start:start + batch_size]]
-        aligned = align_batch(chunk, tokenizer, sources)
+        aligned = align_batch(chunk, tokenizer, sources, tails=model.config.head_spec.source_tails)
         if any(len(x) > anchor.max_length for x in aligned["input_ids"]):
             raise ValueError(f"a text is longer than the anchor's {anchor.max_length} positions; cut the texts shorter")
         rows = [{k: v[i] for k, v in aligned.items()} for i in range(len(chunk))]

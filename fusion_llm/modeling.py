@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
 from fusion_llm.adapters import build_adapter
-from fusion_llm.alignment import gather_aligned
+from fusion_llm.alignment import gather_aligned, tail_attention_mask
 from fusion_llm.backbones import FrozenBackbone, load_backbone
 from fusion_llm.config import ConfigError, FusionConfig
 from fusion_llm.fusion import build_fusion
@@ -288,7 +288,11 @@ class FusionModel(nn.Module):
             if name == anchor.name:
                 continue
             src = inputs[name]
-            taps = backbone.taps(src["input_ids"], src["attention_mask"])
+            if "tail_group" in src:  # settled tokens + the unsettled tails (fusion_llm.alignment.pack_tails)
+                mask = tail_attention_mask(src["tail_group"], src["tail_ctx"])
+                taps = backbone.taps(src["input_ids"], mask, position_ids=src["position_ids"])
+            else:
+                taps = backbone.taps(src["input_ids"], src["attention_mask"])
             features[name] = self.head.align(name, [t.to(device) for t in taps], alignment[name].to(device))
         residual = self.head(features).logits  # (B, T, anchor hidden), zero at initialisation
         hidden = anchor_last.to(device) + residual.to(anchor_last.dtype)

@@ -215,7 +215,7 @@ def train(run: RunConfig, *, resume: bool = False, cache_features: bool | None =
             anchor = model.anchor
             sources = {n: t for n, t in tokenizers.items() if n != anchor.name}
             tokenized = align_splits(raw, anchor.tokenizer, sources, run.data.text_column,
-                                     min(run.data.max_length, anchor.max_length))
+                                     min(run.data.max_length, anchor.max_length), config.head_spec.source_tails)
         else:
             max_lengths = {n: min(run.data.max_length, b.max_length) for n, b in model.backbones.items()}
             tokenized = tokenize_splits(raw, tokenizers, run.data.text_column, run.data.label_column, max_lengths)

@@ -6,20 +6,20 @@ the anchor's bits/byte exactly (the metric goes through the same fused path)."""
 import pytest
 import torch
 
-from fusion_llm.alignment import align_source
+from fusion_llm.alignment import align_source, pack_tails
 from fusion_llm.generation import generate, text_and_offsets
 
 PROMPTS = ["The quick brown fox", "def add(a, b):\n    return", "Whan that Aprille with his shoures soote, the droghte"]
 
 
-def lm_config(paths):
+def lm_config(paths, tails=True):
     from fusion_llm.config import FusionConfig
 
     names = {"llama3": "llama", "mistral": "mistral", "gemma2": "gemma", "phi3": "phi"}
     backbones = [{"name": names[f], "model": paths[f], "tap_layers": [2, -1], "compute_dtype": "float32",
                       "anchor": (f == "mistral")} for f in ("mistral", "llama3", "gemma2", "phi3")]
     return FusionConfig(backbones=backbones, shared_width=64, fusion={"method": "concat", "hidden": 128},
-                        head={"kind": "lm"})
+                        head={"kind": "lm", "source_tails": tails})
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -37,11 +37,11 @@ def lm_backbones(standin_paths):
     return FusionModel.load_backbones(lm_config(standin_paths))
 
 
-def fused_model(standin_paths, lm_backbones, scale=None):
+def fused_model(standin_paths, lm_backbones, scale=None, tails=True):
     """A fused LM over the stand-ins; ``scale`` randomises the head so the sources change the logits."""
     from fusion_llm.modeling import FusionModel
 
-    model = FusionModel(lm_config(standin_paths), lm_backbones)
+    model = FusionModel(lm_config(standin_paths, tails), lm_backbones)
     if scale is not None:
         torch.manual_seed(0)
         with torch.no_grad():
@@ -61,17 +61,25 @@ def full_forward_argmax(model, prompt: str, new_ids: list[int]) -> int:
     for name, backbone in model.backbones.items():
         if name == anchor.name:
             continue
-        ids, index = align_source(text, offsets, backbone.tokenizer)
+        ids, index, tails = align_source(text, offsets, backbone.tokenizer, tails=True)
         ids = ids[: max(max(index) + 1, 1)]
-        inputs[name] = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+        if model.config.head_spec.source_tails:
+            packed = pack_tails(ids, index, tails)
+            ids, index = packed["input_ids"], packed["align"]
+            inputs[name] = {"tail_group": torch.tensor([packed["group"]]), "tail_ctx": torch.tensor([packed["ctx"]]),
+                            "position_ids": torch.tensor([packed["pos"]])}
+        else:
+            inputs[name] = {"attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+        inputs[name]["input_ids"] = torch.tensor([ids])
         alignment[name] = torch.tensor([index])
     with torch.no_grad():
         logits = model.lm_forward(inputs, alignment).logits
     return int(logits[0, -1].argmax())
 
 
-def test_greedy_equals_stepwise_argmax_of_the_full_fused_forward(standin_paths, lm_backbones):
-    model = fused_model(standin_paths, lm_backbones, scale=0.3)
+@pytest.mark.parametrize("tails", [True, False], ids=["source_tails", "settled_only"])
+def test_greedy_equals_stepwise_argmax_of_the_full_fused_forward(standin_paths, lm_backbones, tails):
+    model = fused_model(standin_paths, lm_backbones, scale=0.3, tails=tails)
     out = generate(model, PROMPTS, max_new_tokens=6, stop_tokens=[])
     assert out.sequences.shape == (len(PROMPTS), out.sequences.shape[1])
     for prompt, new_ids in zip(PROMPTS, out.new_tokens):

@@ -7,7 +7,16 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fusion_llm.alignment import align_batch, align_source, causal_char_ends
+from fusion_llm.alignment import (
+    TAIL_COLUMNS,
+    align_batch,
+    align_source,
+    causal_char_ends,
+    pack_tails,
+    prefix_tokens,
+    tail_attention_mask,
+)
+from fusion_llm.data.pipeline import LMCollator
 from fusion_llm.config import FusionConfig
 from fusion_llm.modeling import FusionModel
 
@@ -31,26 +40,32 @@ def lm_model(standin_paths):
     return FusionModel.from_config(config)
 
 
-def pad(seqs, value):
-    length = max(len(s) for s in seqs)
-    return torch.tensor([list(s) + [value] * (length - len(s)) for s in seqs])
+def batch_from(model, rows):
+    """inputs/alignment for lm_forward from rows of `align_batch` columns, through the training collator."""
+    collate = LMCollator("mistral", {n: b.tokenizer.pad_token_id or 0 for n, b in model.backbones.items()})
+    batch = collate(rows)
+    return batch["inputs"], batch["alignment"]
 
 
-def batch_from(model, anchor_ids, sources):
-    """inputs/alignment for lm_forward from per-row anchor ids and {name: (ids rows, index rows)}."""
-    inputs = {"mistral": {"input_ids": pad(anchor_ids, 0), "attention_mask": pad([[1] * len(s) for s in anchor_ids], 0)}}
-    alignment = {}
-    for name, (ids, index) in sources.items():
-        pad_id = model.backbones[name].tokenizer.pad_token_id
-        inputs[name] = {"input_ids": pad(ids, pad_id), "attention_mask": pad([[1] * len(s) for s in ids], 0)}
-        alignment[name] = pad(index, -1)
-    return inputs, alignment
-
-
-def encode(model, texts):
+def encode(model, texts, tails=None):
+    tails = model.config.head_spec.source_tails if tails is None else tails
     tokenizers = {n: model.backbones[n].tokenizer for n in SOURCES}
-    al = align_batch(texts, model.anchor.tokenizer, tokenizers)
-    return al, batch_from(model, al["input_ids"], {n: (al[f"{n}_input_ids"], al[f"{n}_align"]) for n in SOURCES})
+    al = align_batch(texts, model.anchor.tokenizer, tokenizers, tails=tails)
+    return al, batch_from(model, [{k: v[i] for k, v in al.items()} for i in range(len(texts))])
+
+
+def prefix_row(model, text: str, anchor_ids, offsets, tails: bool) -> dict:
+    """The `align_batch` row of a prefix of a text, with the anchor tokens it has (no re-tokenization)."""
+    row = {"input_ids": list(anchor_ids)}
+    for name in SOURCES:
+        ids, index, tail = align_source(text, offsets, model.backbones[name].tokenizer, tails=True)
+        ids = ids[: max(max(index, default=-1) + 1, 1)] or [model.backbones[name].tokenizer.pad_token_id]
+        if tails:
+            packed = pack_tails(ids, index, tail)
+            ids, index = packed["input_ids"], packed["align"]
+            row.update({f"{name}_{c}": packed[c] for c in TAIL_COLUMNS})
+        row[f"{name}_input_ids"], row[f"{name}_align"] = ids, index
+    return row
 
 
 PIECES = list("abcXYZ019 \t\n.,;:'\"()[]{}=+-_#éß中文😀🦙ا’—") + ["  ", "\n\n", "1234", "don't", "def ", "    "]
@@ -59,30 +74,49 @@ TEXT = st.lists(st.sampled_from(PIECES), min_size=1, max_size=14).map("".join)
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                    HealthCheck.too_slow])
-@given(text=TEXT)
-def test_fused_logits_at_t_depend_only_on_text_up_to_end_t(lm_model, text):
+@given(text=TEXT, tails=st.booleans())
+def test_fused_logits_at_t_depend_only_on_text_up_to_end_t(lm_model, text, tails):
     model = lm_model
     with torch.no_grad():
         model.head.residual.out.weight.normal_(0, 0.2)  # make the sources matter
-    al, (inputs, alignment) = encode(model, [text])
+    al, (inputs, alignment) = encode(model, [text], tails=tails)
     full = model.lm_forward(inputs, alignment).logits[0]  # (T, V)
     offsets = al["offset_mapping"][0]
     ends = causal_char_ends(offsets, len(text))
-    anchor_ids, per_source = [], {n: ([], []) for n in SOURCES}
-    for t in range(len(al["input_ids"][0])):
-        prefix = text[: int(ends[t])]
-        anchor_ids.append(al["input_ids"][0][: t + 1])
-        for name in SOURCES:
-            ids, index = align_source(prefix, offsets[: t + 1], model.backbones[name].tokenizer)
-            per_source[name][0].append(ids or [model.backbones[name].tokenizer.pad_token_id])
-            per_source[name][1].append(index)
-    inputs_p, alignment_p = batch_from(model, anchor_ids, per_source)
+    rows = [prefix_row(model, text[: int(ends[t])], al["input_ids"][0][: t + 1], offsets[: t + 1], tails)
+            for t in range(len(al["input_ids"][0]))]
+    inputs_p, alignment_p = batch_from(model, rows)
     prefix_logits = model.lm_forward(inputs_p, alignment_p).logits  # row t: the run on text[:end_t]
     # The test has power: hiding every source ("nothing yet" everywhere) changes the logits a lot.
     blind = model.lm_forward(inputs, {n: torch.full_like(a, -1) for n, a in alignment.items()}).logits[0]
     assert (blind - full).abs().max() > 0.05
-    for t in range(len(anchor_ids)):
+    for t in range(len(rows)):
         torch.testing.assert_close(prefix_logits[t, t], full[t], rtol=0, atol=1e-5)
+
+
+def test_with_tails_a_source_sees_exactly_the_anchors_prefix(lm_model):
+    """A packed source position's features equal the source run alone on its own tokenization of the prefix:
+    no lag behind the anchor (without tails, the source's last settled token ends about a word earlier)."""
+    text = "Shakespeare wrote sonnets; def f(x): return 12345 * x  # done"
+    al, (inputs, _) = encode(lm_model, [text], tails=True)
+    ends = causal_char_ends(al["offset_mapping"][0], len(text))
+    for name in SOURCES:
+        backbone = lm_model.backbones[name]
+        src = inputs[name]
+        packed = backbone.taps(src["input_ids"], tail_attention_mask(src["tail_group"], src["tail_ctx"]),
+                               position_ids=src["position_ids"])[0][0]
+        lagging = 0
+        for t, end in enumerate(ends.tolist()):
+            ids = prefix_tokens(backbone.tokenizer, text[:end])
+            j = al[f"{name}_align"][0][t]
+            assert (j < 0) == (not ids), (name, t)
+            if not ids:
+                continue
+            alone = backbone.taps(torch.tensor([ids]))[0][0, -1]
+            torch.testing.assert_close(packed[j], alone, rtol=0, atol=1e-4)
+            settled = align_source(text[:end], al["offset_mapping"][0][: t + 1], backbone.tokenizer)[1][-1]
+            lagging += settled + 1 < len(ids)
+        assert lagging > len(ends) // 4, (name, lagging)  # the tails matter: often the settled token lags
 
 
 def test_untrained_fused_model_is_the_anchor_exactly(lm_model, standin_paths):
@@ -145,6 +179,8 @@ def test_lm_head_save_load_identical_and_fingerprinted(lm_model, tmp_path):
 
 def test_nothing_vector_is_used_before_any_source_token_settles(lm_model):
     """Phi-3's tokenizer adds no BOS: its first anchor positions see the learned "nothing yet" vector."""
-    al, _ = encode(lm_model, ["Hello"])
-    assert al["phi_align"][0][0] == -1
+    for tails in (False, True):
+        al, _ = encode(lm_model, ["Hello"], tails=tails)
+        assert al["phi_align"][0][0] == -1
+    al, _ = encode(lm_model, ["Hello world, again"], tails=False)
     assert np.all(np.diff(al["llama_align"][0]) >= 0)

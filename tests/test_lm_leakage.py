@@ -7,7 +7,8 @@ split every digit, Llama-3 groups them by three (a group is settled only when co
 
 The anchor is a tiny Mistral stand-in pre-trained briefly on such text, so that its frozen output
 layer can express the 4-way distribution and it starts near the entropy; the Llama-3, Gemma-2 and
-Phi-3 stand-ins are the sources. The fused LM trains through `fusion_llm.training.train` and is
+Phi-3 stand-ins are the sources, fed their settled tokens plus the unsettled tail of each prefix (the
+default ``head.source_tails``). The fused LM trains through `fusion_llm.training.train` and is
 scored in bits/byte on held-out text (`fusion_llm.lm_eval.score_fused`). The positive control reads
 each source two tokens past the causal alignment (for the digit-splitting sources, the next digit):
 the same training then falls far below the entropy, which shows that the check has teeth.
@@ -84,8 +85,9 @@ def run_config(setup, output_dir):
 
 
 def leaky_align_batch(texts, anchor_tokenizer, source_tokenizers, **kwargs):
-    """The causal alignment moved two source tokens into the future (what the check must catch)."""
-    out = align_batch(texts, anchor_tokenizer, source_tokenizers, **{**kwargs, "trim_sources": False})
+    """The causal alignment moved two source tokens into the future (what the check must catch); settled tokens
+    only, so the index points into the full-text tokens."""
+    out = align_batch(texts, anchor_tokenizer, source_tokenizers, **{**kwargs, "trim_sources": False, "tails": False})
     for name in source_tokenizers:
         ids, index = out[f"{name}_input_ids"], out[f"{name}_align"]
         out[f"{name}_align"] = [[min(j + 2, len(x) - 1) for j in idx] for x, idx in zip(ids, index)]

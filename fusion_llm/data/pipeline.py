@@ -79,6 +79,17 @@ def _local_files(data: DataConfig) -> DatasetDict:
         raise ConfigError(f"data.files: cannot read ({str(err).splitlines()[0]})") from None
 
 
+def _map_key(tokenizers: list, *settings, code: tuple[Path, ...] = ()) -> str:
+    """Name of a ``Dataset.map`` result by what determines it: the tokenizers, settings and code.
+
+    datasets would otherwise fingerprint the map function by pickling the tokenizers it holds (about a
+    minute for Gemma's 262k vocabulary, on every call)."""
+    files = (Path(__file__), *code)
+    return hashlib.sha256(repr(([hashlib.sha256(t.backend_tokenizer.to_str().encode()).hexdigest() for t in tokenizers],
+                                settings, [hashlib.sha256(p.read_bytes()).hexdigest() for p in files])).encode()
+                          ).hexdigest()
+
+
 def check_labels(ds: DatasetDict, label_column: str, num_labels: int) -> None:
     """Refuse labels outside 0..num_labels-1 (with the offending value)."""
     for split in ds:
@@ -106,7 +117,13 @@ def tokenize_splits(ds: DatasetDict, tokenizers: dict, text_column: str, label_c
             out[f"{name}_input_ids"] = [x[:limit] for x in ids]
         return out
 
-    result = ds.map(encode, batched=True, remove_columns=ds["train"].column_names, desc="tokenizing")
+    key = _map_key([tokenizers[n] for n in sorted(tokenizers)], sorted(tokenizers), text_column, label_column,
+                   sorted(max_lengths.items()))
+    result = DatasetDict({
+        split: d.map(encode, batched=True, remove_columns=d.column_names, desc="tokenizing",
+                     new_fingerprint=hashlib.sha256(f"{d._fingerprint}:{key}".encode()).hexdigest()[:16])
+        for split, d in ds.items()
+    })
     for name, count in truncated.items():
         if count:
             import warnings
@@ -147,20 +164,18 @@ class Collator:
 
 
 def align_splits(ds: DatasetDict, anchor_tokenizer, source_tokenizers: dict, text_column: str,
-                 max_length: int) -> DatasetDict:
+                 max_length: int, tails: bool = True) -> DatasetDict:
     """Tokenize every split with the anchor and each source and compute the causal alignment once
-    per example (``Dataset.map``; stored with the example, never recomputed in the training step)."""
+    per example (``Dataset.map``; stored with the example, never recomputed in the training step).
+    ``tails``: pack each source's unsettled tails (``fusion_llm.alignment.align_batch(tails=True)``)."""
     import fusion_llm.alignment
     from fusion_llm.alignment import make_align_fn
 
-    fn = make_align_fn(anchor_tokenizer, source_tokenizers, text_column=text_column, max_length=max_length)
-    # datasets would fingerprint `fn` by pickling the tokenizers it holds (about a minute for Gemma's 262k
-    # vocabulary); name the result by what determines it instead: data, tokenizers, settings and the code.
-    code = [Path(fusion_llm.alignment.__file__), Path(fn.__code__.co_filename)]
+    fn = make_align_fn(anchor_tokenizer, source_tokenizers, text_column=text_column, max_length=max_length,
+                       tails=tails)
     tokenizers = [anchor_tokenizer, *[source_tokenizers[n] for n in sorted(source_tokenizers)]]
-    key = hashlib.sha256(repr(([hashlib.sha256(t.backend_tokenizer.to_str().encode()).hexdigest() for t in tokenizers],
-                               sorted(source_tokenizers), text_column, max_length, fn.__qualname__,
-                               [hashlib.sha256(p.read_bytes()).hexdigest() for p in code])).encode()).hexdigest()
+    key = _map_key(tokenizers, sorted(source_tokenizers), text_column, max_length, tails, fn.__qualname__,
+                   code=(Path(fusion_llm.alignment.__file__), Path(fn.__code__.co_filename)))
     out = DatasetDict({
         split: d.map(fn, batched=True, remove_columns=d.column_names, desc="aligning",
                      new_fingerprint=hashlib.sha256(f"{d._fingerprint}:{key}".encode()).hexdigest()[:16])
@@ -170,7 +185,9 @@ def align_splits(ds: DatasetDict, anchor_tokenizer, source_tokenizers: dict, tex
 
 
 class LMCollator:
-    """Pads the anchor ids (labels = next anchor token, -100 on padding), each source's ids and alignment (-1)."""
+    """Pads the anchor ids (labels = next anchor token, -100 on padding), each source's ids and alignment (-1),
+    and a source's packed-tail columns when the rows have them (`fusion_llm.alignment.pack_tails`: then its
+    input dict also holds ``tail_group`` (padding -2), ``tail_ctx`` and ``position_ids``)."""
 
     def __init__(self, anchor: str, pad_ids: dict[str, int]):
         self.anchor = anchor
@@ -186,5 +203,9 @@ class LMCollator:
                 continue
             src, src_mask = pad_right([r[f"{name}_input_ids"] for r in rows], pad)
             inputs[name] = {"input_ids": src, "attention_mask": src_mask}
+            if f"{name}_group" in rows[0]:
+                inputs[name]["tail_group"], _ = pad_right([r[f"{name}_group"] for r in rows], -2)
+                inputs[name]["tail_ctx"], _ = pad_right([r[f"{name}_ctx"] for r in rows], 0)
+                inputs[name]["position_ids"], _ = pad_right([r[f"{name}_pos"] for r in rows], 0)
             alignment[name], _ = pad_right([r[f"{name}_align"] for r in rows], -1)
         return {"inputs": inputs, "alignment": alignment, "labels": labels}
