@@ -2,6 +2,7 @@
 
     python benchmarks/compare_merges.py                      # quick preset, both tracks
     python benchmarks/compare_merges.py --track grokking     # the grokking track alone
+    python benchmarks/compare_merges.py --preset medium --track grokking   # 1 seed, longer; ~35 min
     python benchmarks/compare_merges.py --preset full        # 3 seeds, the seed's budget; hours, resumable
     python benchmarks/compare_merges.py --preset micro --out /tmp/cm   # smoke run (< 60 s)
 
@@ -75,9 +76,11 @@ def schedules(preset) -> str:
         baseline = dataclasses.replace(baseline, num_updates=preset.baseline_updates)
     parts = [f"seed baseline {baseline.num_updates} updates x batch {baseline.batch_size} per task"]
     for name in ("base", "expert", "scratch", "head", "family"):
-        s = getattr(preset, name)
-        parts.append(f"{name} {s.num_updates} x {s.batch_size}")
-    return "; ".join(parts) + " (updates x batch; AdamW lr 1e-3, betas (0.9, 0.98), wd 0.5, warmup 50 for all)"
+        parts.append(f"{name} {getattr(preset, name).describe()}")
+    if preset.family_head is not None:
+        parts.append(f"families' heads {preset.family_head.describe()}")
+    return "; ".join(parts) + (" (updates x batch; AdamW lr 1e-3, betas (0.9, 0.98), wd 0.5, warmup 50, constant "
+                               "rate — the seed's — unless a part says otherwise)")
 
 
 def run_grokking(preset, out_dir: Path, use_cache: bool, threads: int) -> dict:
@@ -104,6 +107,10 @@ def run_grokking(preset, out_dir: Path, use_cache: bool, threads: int) -> dict:
             "(see `+ experts s` in the cost table); a step is only 'reached' when val acc > 0.99 on every seed.",
             "Normalized accuracy divides by the own expert's val acc; where that expert is near chance "
             "(about 0.01) the ratio is noise, not a result.",
+            f"The homogeneous experts train with their own recipe ({preset.expert.describe()}), chosen on the "
+            "holdout slice of train: with the seed's optimizer only x_plus_y generalised within a CPU-sized schedule. "
+            "Every other trained part (base, heads, from-scratch control, family experts, the seed baseline) uses "
+            "the seed's optimizer.",
             "Frozen experts are loaded through fusion_llm.backbones.load_backbone "
             f"(quantization: {preset.quantization}); family stand-ins train with frozen token embeddings.",
         ],
@@ -125,13 +132,16 @@ def run_lm(preset_name: str, out_dir: Path, use_cache: bool = True, path: Path =
     if not hasattr(module, "run_lm_track"):
         print("the LM track is not available yet (benchmarks/lm_track.py has no run_lm_track)")
         return
+    if preset_name not in getattr(module, "PRESETS", {preset_name: None}):
+        print(f"the LM track has no preset {preset_name!r} (it has {', '.join(module.PRESETS)}): skipped")
+        return
     options = {"use_cache": use_cache} if "use_cache" in inspect.signature(module.run_lm_track).parameters else {}
     return module.run_lm_track(preset_name, out_dir, **options)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="micro, quick (default) or full")
+    parser.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="micro, quick (default), medium (grokking track only) or full")
     parser.add_argument("--track", default="all", choices=("grokking", "lm", "all"))
     parser.add_argument("--out", default=None, help="output folder (default results/compare_merges/<preset>)")
     parser.add_argument("--fresh", action="store_true", help="delete this preset's cache first and recompute "

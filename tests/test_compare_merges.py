@@ -154,3 +154,37 @@ def test_presets_search_every_merge_method(name):
             base = None if method == "linear" else "base"
             MergeConfiguration.model_validate(merge_recipe({t: t for t in TASKS}, method, parameters, base=base))
     assert preset.seeds == ((0, 1, 2) if name == "full" else (0,))
+
+
+def test_schedule_defaults_are_the_seeds_optimizer():
+    from fusion_llm.comparison.presets import UpdateSchedule
+
+    seed = UpdateSchedule(100)
+    assert (seed.learning_rate, seed.betas, seed.weight_decay, seed.warmup_updates, seed.cooldown_updates) == \
+        (1e-3, (0.9, 0.98), 0.5, 50, 0)
+    assert [seed.learning_rate_at(u) for u in (0, 25, 50, 99)] == [0.0, 5e-4, 1e-3, 1e-3]
+    assert seed.describe() == "100 x 512"
+
+
+def test_schedule_cooldown_decays_linearly_to_zero():
+    from fusion_llm.comparison.presets import UpdateSchedule
+
+    s = UpdateSchedule(10, warmup_updates=0, learning_rate=1.0, cooldown_updates=4)
+    rates = [s.learning_rate_at(u) for u in range(10)]
+    assert rates[:6] == [1.0] * 6
+    assert rates[6:] == pytest.approx([0.8, 0.6, 0.4, 0.2])  # never 0: every update moves
+    assert "cooldown" in s.describe() and "lr 1.0" in s.describe()
+    with pytest.raises(ValueError):
+        UpdateSchedule(10, cooldown_updates=11)
+
+
+def test_quick_experts_use_their_own_recipe_and_everything_else_the_seeds():
+    from fusion_llm.comparison.presets import UpdateSchedule, get_preset
+
+    quick, seed = get_preset("quick"), UpdateSchedule(1)
+    optimizer = lambda s: (s.learning_rate, s.betas, s.weight_decay, s.warmup_updates, s.cooldown_updates)
+    assert optimizer(quick.expert) != optimizer(seed)
+    for part in ("base", "scratch", "head", "family", "family_head"):
+        assert optimizer(getattr(quick, part)) == optimizer(seed), part
+    assert quick.head_for("families") is quick.family_head and quick.head_for("homogeneous") is quick.head
+    assert get_preset("full").head_for("families") is get_preset("full").head  # None: the shared schedule

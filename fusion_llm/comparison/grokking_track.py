@@ -196,7 +196,7 @@ def stage_fusion(ctx: Context, seed: int, track: str, folders: dict, keys: dict,
     records = {}
     for method in p.fusion_methods:
         recipe = {"seed": seed, "track": track, "method": method, "experts": keys,
-                  "schedule": dataclasses.asdict(p.head),
+                  "schedule": dataclasses.asdict(p.head_for(track)),
                   "width": p.shared_width, "quantization": p.quantization, "data": ctx.data_recipe}
         head_folder = ctx.store.folder("fusion_head", recipe)
 

@@ -1,17 +1,28 @@
 """Presets of the comparison: how long every trained part trains, which merge settings are searched.
 
-Every trained part uses the seed's optimizer (AdamW lr 1e-3, betas (0.9, 0.98), weight decay 0.5,
-linear warmup over 50 updates, then constant; batches drawn with replacement), so the methods differ
-in what they train, not in how. Models trained on tokens draw batches of 128 (`TOKEN_BATCH`), heads
-on cached features batches of 512 (the seed's).
+Every trained part but the homogeneous experts uses the seed's optimizer (AdamW lr 1e-3, betas
+(0.9, 0.98), weight decay 0.5, linear warmup over 50 updates, then constant; batches drawn with
+replacement). The experts use their own recipe (`EXPERT_RECIPE`: lr 3e-3, weight decay 1.0, batches of
+256, a linear cooldown to 0 over the last 200 updates), chosen on the holdout slice of train because
+with the seed's optimizer no expert but x_plus_y generalised within a CPU-sized schedule, and fusing
+frozen experts can only be as good as the experts. Other models trained on tokens (base, from-scratch
+control, family experts) draw batches of 128 (`TOKEN_BATCH`), heads on cached features batches of 512
+(the seed's).
 
 - ``micro``: a smoke run (< 60 s): 48 examples per task and split, a few updates everywhere.
-- ``quick`` (default): one seed, every split complete, short schedules: the seed baseline 300
-  updates of 512 per task (half its ``quick`` preset), a base trained 200 updates on the union,
-  experts 600 updates each, the from-scratch control 600, heads 500, one-layer family stand-ins 300
-  updates each. About 9 minutes of one CPU core; most tasks end long before grokking.
-- ``full``: three seeds and the seed's number of updates (7500 for the baseline, each expert, each
-  family expert and the from-scratch control; base 1000; heads 3000); hours on CPU, resumable.
+- ``quick`` (default): one seed, every split complete, short schedules: the seed baseline 50
+  updates of 512 per task (a placeholder: it needs thousands to grok), a base trained 200 updates of
+  128 on the union, experts 1100 updates of 256 (their recipe), the from-scratch control 200 of 128,
+  the homogeneous fusion heads 500 of 512, one-layer family stand-ins 40 of 128 and their fusion heads
+  100 of 512 (the family track's costs are mostly fixed: scoring and feature extraction over every
+  validation row, about 140 s). Measured (2026-11-28, 1 torch thread, load about 1): 486 s wall,
+  488 s CPU, of which the four experts about 230 s.
+- ``medium``: the largest run that fits a CPU work session (about 35 minutes of one core): one seed,
+  the seed baseline 1500 updates of 512, experts 3000 of 256 (cooldown over the last 300), the
+  from-scratch control 1000, homogeneous heads 1500, family stand-ins 600 and their heads 500.
+- ``full``: three seeds and the seed's number of updates (7500 for the baseline, each expert (its
+  recipe, cooldown over the last 1000), each family expert and the from-scratch control; base 1000;
+  heads 3000); hours on CPU, resumable.
 """
 
 from __future__ import annotations
@@ -32,6 +43,9 @@ class UpdateSchedule:
         eval_every: updates between evaluations on the validation probe (and train-metric windows).
         learning_rate, betas, weight_decay: AdamW.
         warmup_updates: linear warmup from 0 (the seed's ``LambdaLR(min(s / 50, 1))``).
+        cooldown_updates: linear decay of the rate to 0 over the last this many updates (0, the seed's:
+            constant after warmup). Decoupled weight decay shrinks with the rate, so the cooldown also
+            settles the weights.
     """
 
     num_updates: int
@@ -41,24 +55,57 @@ class UpdateSchedule:
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = 0.5
     warmup_updates: int = 50
+    cooldown_updates: int = 0
 
     def __post_init__(self):
         for name in ("num_updates", "batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.cooldown_updates <= self.num_updates:
+            raise ValueError(f"cooldown_updates must be in 0..num_updates, got {self.cooldown_updates}")
 
     def learning_rate_at(self, update: int) -> float:
-        """The rate of update ``update`` (0-based): linear warmup, then constant."""
-        if self.warmup_updates == 0:
-            return self.learning_rate
-        return self.learning_rate * min(update / self.warmup_updates, 1.0)
+        """The rate of update ``update`` (0-based): linear warmup, constant, then the linear cooldown (if any)."""
+        rate = self.learning_rate
+        if self.warmup_updates:
+            rate *= min(update / self.warmup_updates, 1.0)
+        left = self.num_updates - update  # updates left, this one included
+        if self.cooldown_updates and left <= self.cooldown_updates:
+            rate *= left / (self.cooldown_updates + 1)
+        return rate
+
+    def describe(self) -> str:
+        """``N x B`` plus whatever differs from the seed's optimizer."""
+        seed = UpdateSchedule(1)
+        text = f"{self.num_updates} x {self.batch_size}"
+        extra = [f"{label} {getattr(self, name)}" for name, label in
+                 (("learning_rate", "lr"), ("weight_decay", "wd"), ("betas", "betas"),
+                  ("warmup_updates", "warmup")) if getattr(self, name) != getattr(seed, name)]
+        if self.cooldown_updates:
+            extra.append(f"linear cooldown to 0 over the last {self.cooldown_updates}")
+        return text + (f" ({', '.join(extra)})" if extra else "")
 
 
-# Batch of the models trained on tokens (base, experts, the from-scratch control, family experts), chosen
+# Batch of the other models trained on tokens (base, the from-scratch control, family experts), chosen
 # on the holdout slice of train: a diagnostic x_plus_y expert (from random init) reached 0.998 holdout
 # accuracy after 750 updates of 128 (about 20 s of one core), while 300-400 updates of 512 (30-90 s)
 # left experts far from it. Heads train on cached features at the seed's batch of 512.
 TOKEN_BATCH = 128
+
+# The homogeneous experts' recipe, chosen on the holdout slice of train (never validation): fine-tuned from
+# the shared base, AdamW lr 3e-3 and weight decay 1.0 (decoupled decay per update lr x wd = 3e-3, six
+# times the seed's 5e-4), batches of 256, the seed's warmup, then a linear cooldown to 0 over the last 200
+# updates. On the holdout, 1100 updates of this took x_div_y to 1.000 (> 0.99 from update 1000) and x_minus_y to
+# 0.998 (0.85 before the cooldown, which settles it), where the
+# seed's optimizer (lr 1e-3, wd 0.5, batch 128) stayed under 0.17 after 1500 updates; the Grokfast EMA gradient
+# filter (alpha 0.98, lambda 2) made it worse (0.01-0.46 after 3000); batch 512 needed about twice the examples;
+# permutation stays near chance within 1000 updates. ``expert_schedule(n)``: this recipe with ``n`` updates.
+EXPERT_RECIPE = dict(batch_size=256, learning_rate=3e-3, weight_decay=1.0)
+
+
+def expert_schedule(num_updates: int, eval_every: int = 50, cooldown_updates: int = 200) -> UpdateSchedule:
+    return UpdateSchedule(num_updates, eval_every=eval_every, cooldown_updates=cooldown_updates, **EXPERT_RECIPE)
+
 
 # Which stand-in family is the expert of which task. Gemma-2's stand-in is the narrowest (128) and the
 # permutation texts the longest (24-25 tokens), which keeps the four experts' costs close.
@@ -81,6 +128,7 @@ class ComparePreset:
         expert: each homogeneous expert, fine-tuned from the base on its task.
         scratch: the from-scratch control on the union (sized like a fusion head).
         head: every fusion head, trained on cached features of the union.
+        family_head: the families track's fusion heads (None: ``head``).
         family: each family expert (a stand-in fine-tuned on its task).
         expert_width, expert_layers, expert_intermediate: the homogeneous experts' `LlamaForCausalLM`
             (width 128, 2 layers, SwiGLU 256: 0.46M parameters, close to the seed model's 0.42M).
@@ -121,6 +169,11 @@ class ComparePreset:
     train_eval_examples_per_task: int | None = 1024
     inference_examples: int = 1000
     quantization: str = "none"
+    family_head: UpdateSchedule | None = None
+
+    def head_for(self, track: str) -> UpdateSchedule:
+        """The fusion heads' schedule of ``track`` (``homogeneous`` or ``families``)."""
+        return self.family_head if track == "families" and self.family_head is not None else self.head
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -165,19 +218,31 @@ PRESETS = {
         inference_examples=64,
     ),
     "quick": ComparePreset(
-        name="quick", seeds=(0,), baseline="quick", baseline_updates=300,
+        name="quick", seeds=(0,), baseline="quick", baseline_updates=50,
         base=UpdateSchedule(200, batch_size=TOKEN_BATCH, eval_every=50),
-        expert=UpdateSchedule(600, batch_size=TOKEN_BATCH, eval_every=25),
-        scratch=UpdateSchedule(600, batch_size=TOKEN_BATCH, eval_every=25),
-        head=UpdateSchedule(500, eval_every=20),
-        family=UpdateSchedule(300, batch_size=TOKEN_BATCH, eval_every=25),
+        expert=expert_schedule(1100),
+        scratch=UpdateSchedule(200, batch_size=TOKEN_BATCH, eval_every=25),
+        head=UpdateSchedule(500, eval_every=10),
+        family=UpdateSchedule(40, batch_size=TOKEN_BATCH, eval_every=10),
+        family_head=UpdateSchedule(100, eval_every=10),
         family_overrides={"num_hidden_layers": 1},
         merge_grid=QUICK_GRID, probe_examples_per_task=512, train_eval_examples_per_task=1024,
+    ),
+    "medium": ComparePreset(
+        name="medium", seeds=(0,), baseline="full", baseline_updates=1500,
+        base=UpdateSchedule(200, batch_size=TOKEN_BATCH, eval_every=50),
+        expert=expert_schedule(3000, cooldown_updates=300),
+        scratch=UpdateSchedule(1000, batch_size=TOKEN_BATCH, eval_every=50),
+        head=UpdateSchedule(1500, eval_every=10),
+        family=UpdateSchedule(600, batch_size=TOKEN_BATCH, eval_every=50),
+        family_head=UpdateSchedule(500, eval_every=10),
+        family_overrides={"num_hidden_layers": 1},
+        merge_grid=QUICK_GRID, probe_examples_per_task=1024, train_eval_examples_per_task=None,
     ),
     "full": ComparePreset(
         name="full", seeds=(0, 1, 2), baseline="full",
         base=UpdateSchedule(1000, batch_size=TOKEN_BATCH, eval_every=100),
-        expert=UpdateSchedule(7500, batch_size=TOKEN_BATCH, eval_every=50),
+        expert=expert_schedule(7500, cooldown_updates=1000),
         scratch=UpdateSchedule(7500, batch_size=TOKEN_BATCH, eval_every=50),
         head=UpdateSchedule(3000, eval_every=10),
         family=UpdateSchedule(7500, batch_size=TOKEN_BATCH, eval_every=100),

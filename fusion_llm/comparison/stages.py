@@ -204,7 +204,7 @@ def fusion_head_record(ctx: Context, seed: int, track: str, frozen: FrozenFeatur
             return evaluate(lambda rows: head(frozen.select("validation", rows)).logits,
                             frozen.labels["validation"], ctx.probe_rows)
 
-        training = fit(head, batch_logits, len(labels), preset.head, seed, probe, ctx.log)
+        training = fit(head, batch_logits, len(labels), preset.head_for(track), seed, probe, ctx.log)
         wall = time.perf_counter() - start + frozen.wall_s
     model.save_pretrained(head_folder)  # the head alone: config naming the experts + trainable weights
     per_task = score(ctx, lambda split: (lambda rows: head(frozen.select(split, rows)).logits))
