@@ -1,6 +1,6 @@
 """Feature fusion vs mergekit merges (linear, TIES, DARE, task arithmetic) vs the seed's grokking transformer.
 
-    python benchmarks/compare_merges.py                      # quick preset, both tracks
+    python benchmarks/compare_merges.py                      # quick preset, both tracks (one core each)
     python benchmarks/compare_merges.py --track grokking     # the grokking track alone
     python benchmarks/compare_merges.py --preset medium --track grokking   # 1 seed, longer; ~35 min
     python benchmarks/compare_merges.py --preset full        # 3 seeds, the seed's budget; hours, resumable
@@ -24,10 +24,12 @@ import dataclasses
 import datetime as dt
 import importlib.util
 import inspect
+import json
 import os
 import platform
 import resource
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -149,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: on 2 shared cores, 2 threads can run 10-40x slower)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the preset's seeds")
+    parser.add_argument("--serial", action="store_true",
+                        help="with --track all: run the LM track after the grokking track instead of alongside it "
+                        "in a second process (each track uses one core)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -157,12 +162,51 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds:
         preset = dataclasses.replace(preset, seeds=tuple(args.seeds))
     out_dir = Path(args.out) if args.out else ROOT / "results" / "compare_merges" / preset.name
+    lm_process = None
+    if args.track == "all" and not args.serial:
+        lm_process = start_lm_process(preset.name, out_dir, args.fresh, args.threads)
     if args.track in ("grokking", "all"):
         if args.fresh and (out_dir / "cache" / "grokking").is_dir():
             shutil.rmtree(out_dir / "cache" / "grokking")  # this track's models, merges, heads and features
         run_grokking(preset, out_dir, use_cache=True, threads=args.threads)
+    if lm_process is not None:
+        return finish_lm_process(lm_process, out_dir)
     if args.track in ("lm", "all"):
         run_lm(preset.name, out_dir, use_cache=not args.fresh)
+    return 0
+
+
+def start_lm_process(preset_name: str, out_dir: Path, fresh: bool, threads: int) -> tuple:
+    """The LM track in a second process, on the second core, while this one runs the grokking track."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_path = out_dir / "lm_track.log"
+    command = [sys.executable, str(Path(__file__).resolve()), "--preset", preset_name, "--track", "lm",
+               "--out", str(out_dir), "--threads", str(threads)] + (["--fresh"] if fresh else [])
+    log = open(log_path, "w")
+    print(f"[lm] running alongside in a second process (log: {log_path})", flush=True)
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log, log_path
+
+
+def finish_lm_process(lm_process: tuple, out_dir: Path) -> int:
+    """Wait for the LM process, print its table, and make sure results.json holds its entry (both tracks
+    update that file; run in parallel, the last writer must not drop the other's entry)."""
+    process, log, log_path = lm_process
+    started = time.perf_counter()
+    code = process.wait()
+    log.close()
+    if time.perf_counter() - started > 1:
+        print(f"[lm] waited {time.perf_counter() - started:.0f}s for the LM track to finish", flush=True)
+    if code != 0:
+        print(f"the LM track failed (exit {code}); its log: {log_path}\n" + log_path.read_text()[-3000:])
+        return code
+    lm_json, shared = out_dir / "lm_results.json", out_dir / "results.json"
+    if lm_json.is_file():
+        combined = json.loads(shared.read_text()) if shared.is_file() else {}
+        combined["lm_track"] = json.loads(lm_json.read_text())
+        tmp = shared.with_name(".results.json.tmp")
+        tmp.write_text(json.dumps(combined, indent=1, default=str))
+        os.replace(tmp, shared)
+        print((out_dir / "lm_results.md").read_text())
     return 0
 
 

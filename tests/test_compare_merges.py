@@ -118,6 +118,25 @@ def test_lm_track_is_called_when_present(tmp_path, capsys):
         "preset": "quick", "out_dir": str(tmp_path), "use_cache": False}
 
 
+def test_parallel_lm_track_entry_survives_the_grokking_tracks_write(tmp_path):
+    """--track all runs the LM track in a second process; whichever track writes results.json last, the
+    finished file holds both (the grokking keys and the LM track's entry)."""
+    import subprocess
+    import sys
+
+    cli = _load_cli()
+    (tmp_path / "lm_results.json").write_text(json.dumps({"track": "lm", "entries": [1]}))
+    (tmp_path / "lm_results.md").write_text("lm table\n")
+    (tmp_path / "results.json").write_text(json.dumps({"track": "grokking", "methods": {}}))  # written last
+    log = open(tmp_path / "lm_track.log", "w")
+    process = subprocess.Popen([sys.executable, "-c", "pass"], stdout=log)
+    assert cli.finish_lm_process((process, log, tmp_path / "lm_track.log"), tmp_path) == 0
+    combined = json.loads((tmp_path / "results.json").read_text())
+    assert combined["track"] == "grokking" and combined["lm_track"] == {"track": "lm", "entries": [1]}
+    failing = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"], stdout=open(tmp_path / "x", "w"))
+    assert cli.finish_lm_process((failing, open(tmp_path / "y", "w"), tmp_path / "lm_track.log"), tmp_path) == 3
+
+
 def test_store_is_keyed_by_recipe(tmp_path):
     store = Store(tmp_path, log=lambda *_: None)
     calls = []
