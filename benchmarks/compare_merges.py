@@ -111,8 +111,9 @@ def run_grokking(preset, out_dir: Path, use_cache: bool, threads: int) -> dict:
             "(about 0.01) the ratio is noise, not a result.",
             f"The homogeneous experts train with their own recipe ({preset.expert.describe()}), chosen on the "
             "holdout slice of train: with the seed's optimizer only x_plus_y generalised within a CPU-sized schedule. "
-            "Every other trained part (base, heads, from-scratch control, family experts, the seed baseline) uses "
-            "the seed's optimizer.",
+            f"The fusion heads add a linear cooldown to the seed's optimizer ({preset.head.describe()}), also chosen "
+            "on the holdout. Every other trained part (base, from-scratch control, family experts, the seed "
+            "baseline) uses the seed's optimizer.",
             "Frozen experts are loaded through fusion_llm.backbones.load_backbone "
             f"(quantization: {preset.quantization}); family stand-ins train with frozen token embeddings.",
         ],

@@ -197,13 +197,16 @@ def test_schedule_cooldown_decays_linearly_to_zero():
         UpdateSchedule(10, cooldown_updates=11)
 
 
-def test_quick_experts_use_their_own_recipe_and_everything_else_the_seeds():
+def test_quick_experts_use_their_own_recipe_heads_a_cooldown_and_everything_else_the_seeds():
     from fusion_llm.comparison.presets import UpdateSchedule, get_preset
 
     quick, seed = get_preset("quick"), UpdateSchedule(1)
     optimizer = lambda s: (s.learning_rate, s.betas, s.weight_decay, s.warmup_updates, s.cooldown_updates)
     assert optimizer(quick.expert) != optimizer(seed)
-    for part in ("base", "scratch", "head", "family", "family_head"):
+    for part in ("base", "scratch", "family"):
         assert optimizer(getattr(quick, part)) == optimizer(seed), part
+    for part in ("head", "family_head"):  # the seed's optimizer plus a cooldown over the last fifth
+        head = getattr(quick, part)
+        assert optimizer(head)[:4] == optimizer(seed)[:4] and head.cooldown_updates == head.num_updates // 5, part
     assert quick.head_for("families") is quick.family_head and quick.head_for("homogeneous") is quick.head
     assert get_preset("full").head_for("families") is get_preset("full").head  # None: the shared schedule
