@@ -94,6 +94,18 @@ def test_fused_logits_at_t_depend_only_on_text_up_to_end_t(lm_model, text, tails
         torch.testing.assert_close(prefix_logits[t, t], full[t], rtol=0, atol=1e-5)
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=TEXT)
+def test_windowed_tails_equal_the_tails_of_the_whole_prefix(lm_model, text):
+    """Tails are tokenized from the hard boundary before the cut (O(length)); ``verify=True`` re-tokenizes every
+    whole prefix. Both give the same settled index and the same tail ids."""
+    offsets = lm_model.anchor.tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+    for name in SOURCES:
+        tokenizer = lm_model.backbones[name].tokenizer
+        assert (align_source(text, offsets, tokenizer, tails=True)
+                == align_source(text, offsets, tokenizer, tails=True, verify=True)), name
+
+
 def test_with_tails_a_source_sees_exactly_the_anchors_prefix(lm_model):
     """A packed source position's features equal the source run alone on its own tokenization of the prefix:
     no lag behind the anchor (without tails, the source's last settled token ends about a word earlier)."""
