@@ -11,6 +11,16 @@ NEEDS_TOKENIZERS = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): on 2 shared cores,
+    2 threads can be many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def standin_paths():
     if not tokenizers_available():

@@ -22,12 +22,7 @@ def lm_config(paths, tails=True):
                         head={"kind": "lm", "source_tails": tails})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # on 2 shared cores, 2 threads can be many times slower
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

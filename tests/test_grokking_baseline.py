@@ -17,15 +17,7 @@ from fusion_llm.baselines.grokking_transformer import (
 )
 from fusion_llm.data.grokking import VOCABULARY, task_examples
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two intra-op threads on two cores that other processes also use can run 10-40x slower
-    # (threads wait on each other); one thread keeps this file's time predictable.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 SEED_FORMAT_KEYS = {"final_train_loss", "final_val_loss", "final_train_acc", "final_val_acc", "step_val_acc_99"}

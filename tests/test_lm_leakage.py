@@ -19,7 +19,6 @@ import math
 import random
 
 import pytest
-import torch
 
 from fusion_llm.alignment import align_batch
 
@@ -30,12 +29,7 @@ TEXT_CHARS = 48
 STEPS = 100
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # on 2 shared cores, 2 threads can be many times slower
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def random_texts(n: int, chars: int, seed: int) -> list[str]:
