@@ -217,7 +217,7 @@ def score_alone(backbone, texts: dict[str, list[str]]) -> dict:
 
 
 # ---- the fused model ---------------------------------------------------------------------------------
-def fused_run_config(preset: LMPreset, dirs: dict[str, Path], output_dir: Path):
+def fused_run_config(preset: LMPreset, dirs: dict[str, Path], output_dir: Path, model: dict | None = None):
     from fusion_llm.data.corpora import corpus_files
     from fusion_llm.runconfig import build_run_config
 
@@ -228,7 +228,7 @@ def fused_run_config(preset: LMPreset, dirs: dict[str, Path], output_dir: Path):
         for key in ("num_hidden_layers", "hidden_size", "max_position_embeddings"):
             b.pop(key)
     return build_run_config({
-        "model": {"backbones": backbones, **FUSION_MODEL},
+        "model": {"backbones": backbones, **(model or FUSION_MODEL)},
         "data": {"files": {"train": files["train"], "validation": files["validation"]}, "max_length": preset.head_seq,
                  "max_train_examples": preset.head_steps * preset.head_batch, "max_eval_examples": 32},
         "train": {"lr": preset.head_lr, "batch_size": preset.head_batch, "max_steps": preset.head_steps,
@@ -238,18 +238,20 @@ def fused_run_config(preset: LMPreset, dirs: dict[str, Path], output_dir: Path):
     })
 
 
-def train_fused(preset: LMPreset, dirs: dict[str, Path], cache: Path, use_cache: bool, log) -> tuple[Path, dict]:
+def train_fused(preset: LMPreset, dirs: dict[str, Path], cache: Path, use_cache: bool, log,
+                model: dict | None = None) -> tuple[Path, dict]:
     """Train the fusion head through `fusion_llm.training.train` (or reuse it); returns (head folder, summary)."""
     from fusion_llm.training import train
 
-    recipe = {"preset": preset.to_dict(), "model": FUSION_MODEL, "taps": TAP_LAYERS,
+    model = model or FUSION_MODEL
+    recipe = {"preset": preset.to_dict(), "model": model, "taps": TAP_LAYERS,
               "backbones": {n: Path(dirs[f"{f}-{d}"]).name for n, f, d in BACKBONES}, "anchor": ANCHOR}
     stage = cache / _key("fused", recipe)
     summary_path = stage / "run_summary.json"
     if use_cache and summary_path.is_file() and (stage / "head").is_dir():
         return stage / "head", json.loads(summary_path.read_text())
     shutil.rmtree(stage, ignore_errors=True)
-    summary = train(fused_run_config(preset, dirs, stage), log=lambda line: log(f"  {line}"))
+    summary = train(fused_run_config(preset, dirs, stage, model), log=lambda line: log(f"  {line}"))
     return Path(summary["output"]), summary
 
 

@@ -225,6 +225,11 @@ class HeadSpec:
             text the anchor has seen: the settled tokens plus the unsettled tail of the prefix
             (``fusion_llm.alignment.pack_tails``). Off: a source's feature is its last settled token,
             about a word behind the anchor (cheaper: no tail tokens in the source's forward pass).
+        source_predictions: (lm) also feed the head each source's own next-token distribution at its aligned
+            position (its frozen LM head), carried onto the anchor's vocabulary through shared byte strings
+            (`fusion_llm.vocab_bridge`), and mix the fused logits log-linearly: ``(1 + a_0) * anchor logits +
+            sum_i a_i * log p_i``, with the weights ``a`` predicted per position by a zero-initialised layer
+            (so an untrained head is still the anchor exactly). The sources then load with their LM heads.
     """
 
     kind: str = "classification"
@@ -232,6 +237,7 @@ class HeadSpec:
     pooling: str = "last"
     dropout: float = 0.0
     source_tails: bool = True
+    source_predictions: bool = False
 
     def __post_init__(self):
         if self.kind not in HEAD_KINDS:
@@ -242,6 +248,11 @@ class HeadSpec:
             raise ConfigError(f"head.pooling: {self.pooling!r} is not one of {POOLINGS}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"head.dropout: must be in [0, 1), got {self.dropout}")
+        for key in ("source_tails", "source_predictions"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"head.{key}: expected true or false, got {getattr(self, key)!r}")
+        if self.source_predictions and self.kind != "lm":
+            raise ConfigError("head.source_predictions: only an LM head (head.kind: lm) mixes source predictions")
 
 
 @strict(accept_kwargs=True)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fusion_llm.alignment import align_source, causal_char_ends, prefix_tokens
+from fusion_llm.modeling import mix_predictions
 
 
 @dataclass
@@ -125,11 +126,13 @@ class _SourceFeatures:
         self.sources = {n: b for n, b in model.backbones.items() if n != anchor}
         self.cached = {n: [None] * batch for n in self.sources}  # (key, [tap (H,) per layer]) or None
         self.tails = model.config.head_spec.source_tails
+        self.predictions = model.config.head_spec.source_predictions  # the last layer too, for the source's LM head
         self.runs = 0
 
     @torch.no_grad()
     def at_last_position(self, rows: list[int], texts: dict[int, str], offsets: dict[int, list]) -> dict:
-        """name -> ([taps (len(rows), 1, H)], index (len(rows), 1)) for the last anchor token of each row."""
+        """name -> ([taps (len(rows), 1, H)], index (len(rows), 1)) for the last anchor token of each row (with
+        ``head.source_predictions``, the source's last layer comes after its taps)."""
         out = {}
         for name, backbone in self.sources.items():
             todo = {}
@@ -156,13 +159,14 @@ class _SourceFeatures:
                 for i, r in enumerate(order):
                     ids[i, : len(todo[r][0])] = torch.tensor(todo[r][0])
                     mask[i, : len(todo[r][0])] = 1
-                taps = backbone.taps(ids, mask)  # [(n, S, H)] per tap layer
+                layers = backbone.spec.resolved_taps() + ([backbone.spec.num_hidden_layers] if self.predictions else [])
+                taps = backbone.taps(ids, mask, layers=layers)  # [(n, S, H)] per tap layer (and the last layer)
                 self.runs += 1
                 for i, r in enumerate(order):
                     _, j, key = todo[r]
                     self.cached[name][r] = (key, [t[i, j] for t in taps])
             hidden = backbone.hidden_size
-            layers = len(backbone.spec.tap_layers)
+            layers = len(backbone.spec.tap_layers) + int(self.predictions)
             taps, index = [], []
             for r in rows:
                 j, feats = self.cached[name][r]
@@ -249,11 +253,23 @@ def generate(model, prompts: list[str] | str, max_new_tokens: int = 32, do_sampl
         device = head.device
         rows = torch.tensor(active)
         features = {anchor.name: [hidden[layer][rows].to(device) for layer in anchor_taps]}
+        source_last, alignment = {}, {}
         for name, (taps, index) in source_feats.items():
+            if sources.predictions:
+                *taps, source_last[name] = taps
+                alignment[name] = index.clamp_max(0)  # (n, 1): position 0 of the (n, 1, H) last layer, or -1
             features[name] = head.align(name, [t.to(device) for t in taps], index.to(device))
-        residual = head(features).logits  # (n, 1, anchor hidden)
         last = hidden[last_layer][rows]
-        logits = anchor.lm_logits(last + residual.to(last.dtype))[:, -1]  # (n, V)
+        confidence = corrections = None
+        if sources.predictions:
+            anchor_lp = anchor.lm_logits(last).float().log_softmax(-1).to(device)  # (n, 1, V)
+            corrections, confidence = model.source_predictions(source_last, alignment, anchor_lp)
+        head_out = head(features, confidence=confidence)
+        residual = head_out.logits  # (n, 1, anchor hidden)
+        logits = anchor.lm_logits(last + residual.to(last.dtype))
+        if sources.predictions:
+            logits = mix_predictions(logits, head_out.mix, corrections)
+        logits = logits[:, -1]  # (n, V)
         t3 = time.perf_counter()
         chosen = _next_tokens(logits, do_sample, temperature, top_k, generator).cpu()
         column = torch.full((batch,), pad, dtype=torch.long)

@@ -57,3 +57,24 @@ class AnchorResidualHead(nn.Module):
 
     def forward(self, fused: torch.Tensor) -> torch.Tensor:
         return self.out(self.dropout(fused))
+
+
+class PredictionMixer(nn.Module):
+    """Per-position log-linear weights of the anchor and each source's predictions (``head.source_predictions``).
+
+    A zero-initialised linear layer over the fused feature and the members' confidences: at initialisation every
+    weight is zero, so the fused model is the anchor exactly.
+    """
+
+    def __init__(self, in_width: int, members: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(in_width)
+        self.out = nn.Linear(in_width, members)
+        self.zero_init()
+
+    def zero_init(self) -> None:
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.out(self.norm(features))  # (..., members)

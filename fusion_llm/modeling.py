@@ -17,7 +17,7 @@ from fusion_llm.alignment import gather_aligned, tail_attention_mask
 from fusion_llm.backbones import FrozenBackbone, load_backbone
 from fusion_llm.config import ConfigError, FusionConfig
 from fusion_llm.fusion import build_fusion
-from fusion_llm.heads import AnchorResidualHead, ClassificationHead, pool
+from fusion_llm.heads import AnchorResidualHead, ClassificationHead, PredictionMixer, pool
 
 
 @dataclass
@@ -26,6 +26,7 @@ class FusionOutput(ModelOutput):
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    mix: torch.Tensor | None = None  # (B, T, 1 + sources): LM weights of the anchor and each source's predictions
 
 
 def tap_key(name: str, layer: int) -> str:
@@ -69,9 +70,14 @@ class FusionHead(PreTrainedModel):
                 for s in specs if not s.anchor for layer in s.resolved_taps()
             })
             self.residual = AnchorResidualHead(width, anchor.hidden_size, head.dropout)
+            if head.source_predictions:
+                sources = len(specs) - 1
+                self.mixer = PredictionMixer(width + 2 * sources + 1, 1 + sources)
         self.post_init()
         if head.kind == "lm":
             self.residual.zero_init()  # post_init may have re-initialised it
+            if head.source_predictions:
+                self.mixer.zero_init()
 
     def _init_weights(self, module):
         """Keep PyTorch's default initialisation (and the zero-initialised residual)."""
@@ -101,15 +107,22 @@ class FusionHead(PreTrainedModel):
             adapted.append(self.adapters[tap_key(name, layer)](tap.to(self.dtype)))
         return self.fusion(torch.stack(adapted, dim=-2))  # (..., N, W) -> (..., W)
 
-    def forward(self, features: dict[str, list[torch.Tensor]], labels: torch.Tensor | None = None) -> FusionOutput:
+    def forward(self, features: dict[str, list[torch.Tensor]], labels: torch.Tensor | None = None,
+                confidence: torch.Tensor | None = None) -> FusionOutput:
         """Classification: pooled taps -> label logits (and cross-entropy loss with ``labels``).
 
         For an LM head this returns the residual (B, T, anchor hidden) as ``logits``; `FusionModel`
-        adds it to the anchor's hidden state and applies the anchor's output layer.
+        adds it to the anchor's hidden state and applies the anchor's output layer. With
+        ``head.source_predictions`` it also returns ``mix`` (B, T, 1 + sources), the log-linear weights of the
+        anchor's logits and each source's predictions, from the fused feature and ``confidence`` (B, T,
+        2 * sources + 1: the anchor's and each source's entropy, and whether each source has a position yet).
         """
         fused = self.fuse(features)
         if self.config.head["kind"] == "lm":  # features: anchor taps and aligned source taps, (B, T, H)
-            return FusionOutput(logits=self.residual(fused))
+            mix = None
+            if self.config.head.get("source_predictions"):
+                mix = self.mixer(torch.cat([fused, confidence.to(fused.dtype)], dim=-1))
+            return FusionOutput(logits=self.residual(fused), mix=mix)
         logits = self.classifier(fused)
         loss = None if labels is None else nn.functional.cross_entropy(logits, labels.to(logits.device))
         return FusionOutput(loss=loss, logits=logits)
@@ -117,6 +130,22 @@ class FusionHead(PreTrainedModel):
 
 AutoConfig.register(FusionConfig.model_type, FusionConfig)
 AutoModel.register(FusionConfig, FusionHead)
+
+
+def mix_predictions(logits: torch.Tensor, mix: torch.Tensor, corrections: torch.Tensor) -> torch.Tensor:
+    """Log-linear mix of the anchor and each source: ``(1 + mix_0) * logits + sum_i mix_i * log p_i``.
+
+    With ``log p_i = logits + correction_i`` up to a per-position constant (which a softmax ignores), that is
+    ``(1 + sum(mix)) * logits + sum_i mix_i * correction_i``.
+
+    Args:
+        logits: (B, T, V) the anchor's (residual-adjusted) logits.
+        mix: (B, T, 1 + S) weights, zero at initialisation (then the result is ``logits`` exactly).
+        corrections: (B, T, S, V) each source's predictions relative to the anchor's (`FusionModel.source_predictions`).
+    """
+    mix = mix.to(logits.dtype)
+    sources = torch.einsum("bts,btsv->btv", mix[..., 1:], corrections.to(logits.dtype))
+    return logits + mix.sum(-1, keepdim=True) * logits + sources
 
 
 class FusionModel(nn.Module):
@@ -166,10 +195,12 @@ class FusionModel(nn.Module):
     # ---- construction -------------------------------------------------------------------------------
     @staticmethod
     def load_backbones(config: FusionConfig, device_map=None) -> dict[str, FrozenBackbone]:
-        """Load every backbone of ``config`` (the LM anchor with its LM head)."""
+        """Load every backbone of ``config`` (the LM anchor with its LM head; every source too when the head
+        mixes source predictions)."""
         lm = config.head["kind"] == "lm"
+        predictions = lm and config.head.get("source_predictions", False)
         return {
-            spec.name: load_backbone(spec, with_lm_head=lm and spec.anchor, device_map=device_map)
+            spec.name: load_backbone(spec, with_lm_head=lm and (spec.anchor or predictions), device_map=device_map)
             for spec in config.backbone_specs
         }
 
@@ -284,19 +315,32 @@ class FusionModel(nn.Module):
         *anchor_taps, anchor_last = anchor.taps(enc["input_ids"], enc["attention_mask"],
                                                 layers=anchor.spec.resolved_taps() + [last])
         features = {anchor.name: [t.to(device) for t in anchor_taps]}
+        predictions = self.config.head.get("source_predictions", False)
+        source_last = {}
         for name, backbone in self._backbones.items():
             if name == anchor.name:
                 continue
             src = inputs[name]
+            layers = backbone.spec.resolved_taps() + ([backbone.spec.num_hidden_layers] if predictions else [])
             if "tail_group" in src:  # settled tokens + the unsettled tails (fusion_llm.alignment.pack_tails)
                 mask = tail_attention_mask(src["tail_group"], src["tail_ctx"])
-                taps = backbone.taps(src["input_ids"], mask, position_ids=src["position_ids"])
+                taps = backbone.taps(src["input_ids"], mask, layers=layers, position_ids=src["position_ids"])
             else:
-                taps = backbone.taps(src["input_ids"], src["attention_mask"])
+                taps = backbone.taps(src["input_ids"], src["attention_mask"], layers=layers)
+            if predictions:
+                source_last[name] = taps.pop()
             features[name] = self.head.align(name, [t.to(device) for t in taps], alignment[name].to(device))
-        residual = self.head(features).logits  # (B, T, anchor hidden), zero at initialisation
+        confidence = corrections = None
+        if predictions:
+            with torch.no_grad():
+                anchor_lp = anchor.lm_logits(anchor_last).float().log_softmax(-1).to(device)
+            corrections, confidence = self.source_predictions(source_last, alignment, anchor_lp)
+        out = self.head(features, confidence=confidence)
+        residual = out.logits  # (B, T, anchor hidden), zero at initialisation
         hidden = anchor_last.to(device) + residual.to(anchor_last.dtype)
         logits = anchor.lm_logits(hidden)
+        if predictions:
+            logits = mix_predictions(logits, out.mix, corrections)
         if labels is None:
             ids = enc["input_ids"].to(logits.device)
             labels = ids.masked_fill(enc["attention_mask"].to(logits.device) == 0, -100)
@@ -304,6 +348,43 @@ class FusionModel(nn.Module):
         loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.to(logits.device).flatten(),
                                            ignore_index=-100)
         return FusionOutput(loss=loss, logits=logits)
+
+    @torch.no_grad()
+    def source_predictions(self, source_last: dict[str, torch.Tensor], alignment: dict[str, torch.Tensor],
+                           anchor_log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each source's next-token distribution at its aligned position, carried onto the anchor's vocabulary.
+
+        Args:
+            source_last: source name -> (B, S, H) its last-layer (pre-norm) hidden states.
+            alignment: source name -> (B, T) index into S per anchor position (-1: no source token yet).
+            anchor_log_probs: (B, T, V) the anchor's own next-token log-probabilities (frozen).
+
+        Returns:
+            ``(corrections, confidence)``: (B, T, sources, V) each source's log-probabilities minus the
+            anchor's, up to a per-position constant (`fusion_llm.vocab_bridge`; zero where a source has no
+            position yet), and (B, T, 2 * sources + 1) the anchor's and each source's entropy (nats) and
+            whether each source has a position.
+        """
+        from fusion_llm.vocab_bridge import bridge_for, top_log_probs
+
+        anchor = self.anchor
+        device = anchor_log_probs.device
+        b, t, v = anchor_log_probs.shape
+        anchor_probs = anchor_log_probs.exp()
+        entropies = [-(anchor_probs * anchor_log_probs).sum(-1)]
+        valids, corrections = [], []
+        for name, hidden in source_last.items():
+            backbone = self._backbones[name]
+            index = alignment[name].to(hidden.device)
+            valid = (index >= 0).to(device)  # (B, T)
+            gathered = hidden.gather(1, index.clamp_min(0).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+            bridge = bridge_for(backbone, anchor)
+            top, ids, entropy = top_log_probs(backbone, gathered.flatten(0, 1), bridge.top_k)  # (B*T, k)
+            correction = bridge.correction(top.to(device), ids.to(device), anchor_probs.flatten(0, 1))
+            corrections.append(correction.view(b, t, v).masked_fill_(~valid.unsqueeze(-1), 0.0))
+            entropies.append(entropy.to(device).view(b, t).masked_fill(~valid, 0.0))
+            valids.append(valid.float())
+        return torch.stack(corrections, dim=2), torch.stack(entropies + valids, dim=-1)
 
     def generate(self, prompts: list[str] | str, **kwargs):
         """Generate with an LM fusion model: the anchor decodes with its KV cache, the other backbones see the

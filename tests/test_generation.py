@@ -12,14 +12,14 @@ from fusion_llm.generation import generate, text_and_offsets
 PROMPTS = ["The quick brown fox", "def add(a, b):\n    return", "Whan that Aprille with his shoures soote, the droghte"]
 
 
-def lm_config(paths, tails=True):
+def lm_config(paths, tails=True, predictions=False):
     from fusion_llm.config import FusionConfig
 
     names = {"llama3": "llama", "mistral": "mistral", "gemma2": "gemma", "phi3": "phi"}
     backbones = [{"name": names[f], "model": paths[f], "tap_layers": [2, -1], "compute_dtype": "float32",
                       "anchor": (f == "mistral")} for f in ("mistral", "llama3", "gemma2", "phi3")]
     return FusionConfig(backbones=backbones, shared_width=64, fusion={"method": "concat", "hidden": 128},
-                        head={"kind": "lm", "source_tails": tails})
+                        head={"kind": "lm", "source_tails": tails, "source_predictions": predictions})
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -29,14 +29,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 def lm_backbones(standin_paths):
     from fusion_llm.modeling import FusionModel
 
-    return FusionModel.load_backbones(lm_config(standin_paths))
+    return FusionModel.load_backbones(lm_config(standin_paths, predictions=True))  # every source with its LM head
 
 
-def fused_model(standin_paths, lm_backbones, scale=None, tails=True):
+def fused_model(standin_paths, lm_backbones, scale=None, tails=True, predictions=False):
     """A fused LM over the stand-ins; ``scale`` randomises the head so the sources change the logits."""
     from fusion_llm.modeling import FusionModel
 
-    model = FusionModel(lm_config(standin_paths, tails), lm_backbones)
+    model = FusionModel(lm_config(standin_paths, tails, predictions), lm_backbones)
     if scale is not None:
         torch.manual_seed(0)
         with torch.no_grad():
@@ -72,9 +72,10 @@ def full_forward_argmax(model, prompt: str, new_ids: list[int]) -> int:
     return int(logits[0, -1].argmax())
 
 
-@pytest.mark.parametrize("tails", [True, False], ids=["source_tails", "settled_only"])
-def test_greedy_equals_stepwise_argmax_of_the_full_fused_forward(standin_paths, lm_backbones, tails):
-    model = fused_model(standin_paths, lm_backbones, scale=0.3, tails=tails)
+@pytest.mark.parametrize("tails,predictions", [(True, False), (False, False), (True, True)],
+                         ids=["source_tails", "settled_only", "source_predictions"])
+def test_greedy_equals_stepwise_argmax_of_the_full_fused_forward(standin_paths, lm_backbones, tails, predictions):
+    model = fused_model(standin_paths, lm_backbones, scale=0.3, tails=tails, predictions=predictions)
     out = generate(model, PROMPTS, max_new_tokens=6, stop_tokens=[])
     assert out.sequences.shape == (len(PROMPTS), out.sequences.shape[1])
     for prompt, new_ids in zip(PROMPTS, out.new_tokens):
@@ -87,12 +88,13 @@ def test_greedy_equals_stepwise_argmax_of_the_full_fused_forward(standin_paths, 
     assert out.timings["source_runs"] > 0 and out.timings["generated_tokens"] == 6 * len(PROMPTS)
 
 
-def test_untrained_head_generates_what_the_anchor_generates_alone(standin_paths, lm_backbones):
+@pytest.mark.parametrize("predictions", [False, True], ids=["hidden_states", "source_predictions"])
+def test_untrained_head_generates_what_the_anchor_generates_alone(standin_paths, lm_backbones, predictions):
     from transformers import AutoModelForCausalLM
 
     from fusion_llm.backbones import quantization_config
 
-    model = fused_model(standin_paths, lm_backbones)
+    model = fused_model(standin_paths, lm_backbones, predictions=predictions)
     out = generate(model, PROMPTS, max_new_tokens=8)
     anchor = model.anchor
     reference = AutoModelForCausalLM.from_pretrained(anchor.spec.model, dtype=torch.float32,

@@ -1,0 +1,218 @@
+"""Carry a source model's next-token distribution onto the anchor's vocabulary, through shared byte strings.
+
+A source LM with its own tokenizer predicts ``P_src(u)`` over its tokens ``u`` for the text that follows a
+prefix. The anchor needs, for each of its tokens ``v``, how likely the next bytes start with ``bytes(v)``.
+Over the source's ``top_k`` tokens at that position:
+
+- ``u`` starts with ``bytes(v)`` (``u`` extends ``v``, or equals it): all of ``P_src(u)`` agrees with ``v``
+  (each source token starts with at most ``len(bytes(u))`` anchor tokens: a small table);
+- ``u`` is a proper prefix of ``bytes(v)``: the source would go on after ``u`` with bytes it has not
+  predicted yet. When ``u`` has at most ``max_extensions`` proper extensions in the anchor's vocabulary, its
+  mass is split over them in proportion to the anchor's own distribution (``P_anchor(v) / Z_anchor(u)``);
+- everything else (the mass outside the top-k, and short ``u`` such as a lone space, whose continuation
+  could be nearly any anchor token) is spread like the anchor's distribution: ``rest * P_anchor(v)``.
+
+``p(v) = extends(v) + prefixed(v) + rest * P_anchor(v)``. Most anchor tokens get only the last term, so
+the bridge returns the sparse part as a *correction* to ``log(rest * P_anchor(v))``:
+``log p(v) = log P_anchor(v) + log(rest) + log1p((extends(v) + prefixed(v)) / (rest * P_anchor(v)))``;
+the first two terms are the anchor's own log-probabilities and a per-position constant, which a softmax
+does not see, so a log-linear mix of the anchor and the source is the anchor's logits rescaled plus this
+correction. Anchor tokens without bytes (special tokens) get no correction.
+
+Everything here runs under ``no_grad`` on frozen outputs; it only ever sees the source's distribution at a
+position the causal alignment chose, so it adds nothing the anchor's prefix does not hold.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import re
+
+import torch
+
+_BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte <-> printable-unicode table, inverted (byte-level BPE token strings -> bytes)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
+def _is_byte_level(tokenizer) -> bool:
+    backend = tokenizer.backend_tokenizer
+    parts = [backend.pre_tokenizer, backend.decoder]
+    return any(p is not None and "ByteLevel" in repr(p) for p in parts)
+
+
+def token_bytes(tokenizer) -> list[bytes | None]:
+    """The UTF-8 bytes each token id stands for; ``None`` for special tokens (BOS, EOS, control tokens).
+
+    Byte-level BPE tokens (Llama-3) are mapped back through GPT-2's byte table; SentencePiece-style tokens
+    (Mistral, Gemma, Llama-2 / Phi-3) turn ``▁`` into a space and ``<0xNN>`` byte-fallback pieces into the byte.
+    """
+    size = len(tokenizer)
+    pieces = tokenizer.convert_ids_to_tokens(list(range(size)))
+    special = set(tokenizer.all_special_ids)
+    added_tokens = tokenizer.added_tokens_decoder  # a property that rebuilds its dict: read it once
+    for token_id, added in added_tokens.items():
+        if added.special:
+            special.add(token_id)
+    byte_level = _is_byte_level(tokenizer)
+    decoder = _byte_decoder() if byte_level else None
+    out: list[bytes | None] = []
+    for token_id, piece in enumerate(pieces):
+        if piece is None or token_id in special:
+            out.append(None)
+            continue
+        if byte_level and token_id in added_tokens:  # a non-special added token stands for its own text
+            out.append(piece.encode("utf-8"))
+            continue
+        if byte_level:
+            try:
+                out.append(bytes(decoder[c] for c in piece))
+            except KeyError:
+                out.append(piece.encode("utf-8"))
+            continue
+        match = _BYTE_TOKEN.match(piece)
+        out.append(bytes([int(match.group(1), 16)]) if match else piece.replace("\u2581", " ").encode("utf-8"))
+    return [b if b else None for b in out]
+
+
+def _padded(rows: list[list[int]], fill: int) -> torch.Tensor:
+    width = max(1, max(map(len, rows)))
+    table = torch.full((len(rows), width), fill, dtype=torch.int32)
+    for i, row in enumerate(rows):
+        if row:
+            table[i, : len(row)] = torch.tensor(row, dtype=torch.int32)
+    return table
+
+
+class VocabBridge:
+    """The fixed index tables that map one source's distribution onto the anchor's vocabulary.
+
+    Args:
+        source_tokenizer, anchor_tokenizer: fast tokenizers.
+        source_size, anchor_size: rows of each LM head (may exceed the tokenizer's size: padded vocabularies;
+            the extra rows have no bytes).
+        top_k: source tokens kept per position.
+        max_extensions: a source token that is a proper prefix of more anchor tokens than this has its
+            continuation spread like the anchor's whole distribution instead.
+        min_rest: floor of ``rest`` (keeps the correction finite when the top-k hold all the mass).
+    """
+
+    def __init__(self, source_tokenizer, anchor_tokenizer, source_size: int | None = None,
+                 anchor_size: int | None = None, top_k: int = 128, max_extensions: int = 32,
+                 min_rest: float = 1e-4):
+        src = token_bytes(source_tokenizer)
+        anc = token_bytes(anchor_tokenizer)
+        src += [None] * max(0, (source_size or 0) - len(src))
+        anc += [None] * max(0, (anchor_size or 0) - len(anc))
+        self.source_size, self.anchor_size = len(src), len(anc)
+        self.top_k, self.min_rest = top_k, min_rest
+        anchor_index: dict[bytes, list[int]] = {}
+        for v, b in enumerate(anc):
+            if b:
+                anchor_index.setdefault(b, []).append(v)
+        # Per source token: the anchor tokens its bytes start with (dummy column anchor_size pads).
+        self.anchor_prefixes = _padded([[v for k in range(1, len(b) + 1) for v in anchor_index.get(b[:k], ())]
+                                        if b else [] for b in src], self.anchor_size)  # (V_src, W)
+        # Per source token: the anchor tokens that properly extend it, when there are at most max_extensions.
+        order = sorted((v for v, b in enumerate(anc) if b), key=lambda v: anc[v])
+        keys = [anc[v] for v in order]
+        top = b"\xff" * (max(len(b) for b in src + anc if b) + 1)
+        extensions, spread = [], []
+        for b in src:
+            if not b:
+                extensions.append([])
+                spread.append(False)
+                continue
+            lo, hi = bisect.bisect_right(keys, b), bisect.bisect_left(keys, b + top)
+            many = hi - lo > max_extensions
+            extensions.append([] if many else order[lo:hi])
+            spread.append(many)
+        self.anchor_extensions = _padded(extensions, self.anchor_size)  # (V_src, C)
+        self.spread = torch.tensor(spread)  # (V_src,) continuation spread like the anchor's distribution
+        self.mapped = torch.tensor([b is not None for b in anc])  # (V_anchor,)
+
+    @torch.no_grad()
+    def correction(self, top_log_probs: torch.Tensor, top_ids: torch.Tensor, anchor_probs: torch.Tensor) -> torch.Tensor:
+        """The source's distribution in the anchor's vocabulary, as a correction to ``log(rest * P_anchor)``.
+
+        Args:
+            top_log_probs, top_ids: (N, k) the source's most likely next tokens and their log-probabilities
+                (`top_log_probs`).
+            anchor_probs: (N, V_anchor) the anchor's own (frozen) next-token probabilities.
+
+        Returns:
+            (N, V_anchor) float32 ``log p(v) - log(rest * P_anchor(v))`` (see the module docstring), >= 0.
+        """
+        n = top_ids.shape[0]
+        top_p = top_log_probs.float().exp()
+        anchor_probs = torch.nn.functional.pad(anchor_probs[:, : self.anchor_size].float(), (0, 1))  # dummy col
+        spread = self.spread[top_ids]  # (n, k)
+        extensions = self.anchor_extensions[top_ids].long()  # (n, k, C)
+        ext_p = anchor_probs.gather(1, extensions.flatten(1)).view(extensions.shape)  # (n, k, C)
+        z = ext_p.sum(-1, keepdim=True)  # (n, k, 1) anchor mass on u's proper extensions
+        placed = (~spread) & (z.squeeze(-1) > 0)
+        sparse = torch.zeros((n, self.anchor_size + 1))
+        prefixes = self.anchor_prefixes[top_ids].long()  # (n, k, W)
+        sparse.scatter_add_(1, prefixes.flatten(1), top_p.unsqueeze(-1).expand(prefixes.shape).flatten(1))
+        share = torch.where(placed.unsqueeze(-1), ext_p / z.clamp_min(1e-30), torch.zeros_like(ext_p))
+        sparse.scatter_add_(1, extensions.flatten(1), (top_p.unsqueeze(-1) * share).flatten(1))
+        floor = anchor_probs[:, :-1].mul_(self.rest(top_log_probs, top_ids).unsqueeze(-1)).clamp_min_(1e-30)
+        out = sparse[:, :-1].div_(floor).log1p_()
+        return out.masked_fill_(~self.mapped, 0.0)
+
+    def rest(self, top_log_probs: torch.Tensor, top_ids: torch.Tensor) -> torch.Tensor:
+        """(N,) the source's mass spread like the anchor's distribution: outside the top-k, or after a short token."""
+        top_p = top_log_probs.float().exp()
+        return (1.0 - top_p.sum(-1) + (top_p * self.spread[top_ids]).sum(-1)).clamp_min(self.min_rest)
+
+    def log_probs(self, source_log_probs: torch.Tensor, anchor_log_probs: torch.Tensor) -> torch.Tensor:
+        """``log p(v)`` itself (N, V_anchor), from full (N, V_src) source log-probabilities: the anchor's
+        log-probabilities + log(rest) + the correction (for inspection and tests)."""
+        top = source_log_probs[:, : self.source_size].float().topk(min(self.top_k, self.source_size), -1)
+        rest = self.rest(top.values, top.indices)
+        correction = self.correction(top.values, top.indices, anchor_log_probs.float().exp())
+        mapped = anchor_log_probs.float() + rest.log().unsqueeze(-1) + correction
+        return torch.where(self.mapped, mapped, anchor_log_probs.float())
+
+
+@torch.no_grad()
+def top_log_probs(backbone, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A frozen LM's ``k`` most likely next tokens, without materialising more than its logits once.
+
+    Args:
+        backbone: a `FrozenBackbone` loaded with its LM head.
+        hidden: (N, H) last-layer (pre-norm) hidden states.
+
+    Returns:
+        ``(log_probs, ids, entropy)``: (N, k) log-probabilities and token ids, and (N,) the entropy (nats) of the
+        top-k part plus the rest taken as one outcome (a cheap stand-in for the full entropy).
+    """
+    logits = backbone.lm_head(backbone.final_norm(hidden)).float()  # (N, V)
+    if backbone.logit_softcap:  # in place: this is the largest tensor of the fused step
+        logits.div_(backbone.logit_softcap).tanh_().mul_(backbone.logit_softcap)
+    top, ids = logits.topk(min(k, logits.shape[-1]), dim=-1)
+    log_probs = top - torch.logsumexp(logits, dim=-1, keepdim=True)
+    p = log_probs.exp()
+    rest = (1.0 - p.sum(-1)).clamp_min(1e-12)
+    entropy = -(p * log_probs).sum(-1) - rest * rest.log()
+    return log_probs, ids, entropy
+
+
+_BRIDGES: dict[tuple, VocabBridge] = {}
+
+
+def bridge_for(source, anchor) -> VocabBridge:
+    """The `VocabBridge` of two `FrozenBackbone` objects, built once per process (a few seconds)."""
+    key = (source.fingerprint.get("tokenizer"), anchor.fingerprint.get("tokenizer"), id(source.tokenizer),
+           id(anchor.tokenizer))
+    if key not in _BRIDGES:
+        _BRIDGES[key] = VocabBridge(source.tokenizer, anchor.tokenizer, source.lm_head.weight.shape[0],
+                                    anchor.lm_head.weight.shape[0])
+    return _BRIDGES[key]

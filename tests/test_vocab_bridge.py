@@ -1,0 +1,89 @@
+"""Source predictions carried onto the anchor's vocabulary (`fusion_llm.vocab_bridge`): token bytes of the four
+real tokenizers, the bridge against a brute-force computation of its definition, and what a certain source says."""
+
+import random
+
+import pytest
+import torch
+
+from fusion_llm.vocab_bridge import VocabBridge, token_bytes
+
+from conftest import NEEDS_TOKENIZERS
+
+pytestmark = NEEDS_TOKENIZERS
+TEXT = "Shakespeare wrote: 'To be, or not to be'\n    def f(x):  return x**2  # 中文 😀 café\t done"
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    from transformers import AutoTokenizer
+
+    from fusion_llm.paths import FAMILIES, tokenizer_dir
+
+    return {f: AutoTokenizer.from_pretrained(tokenizer_dir(f)) for f in FAMILIES}
+
+
+@pytest.mark.parametrize("family", ["llama3", "mistral", "gemma2", "phi3"])
+def test_token_bytes_spell_the_text(tokenizers, family):
+    tokenizer = tokenizers[family]
+    table = token_bytes(tokenizer)
+    ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    spelled = b"".join(table[i] for i in ids)
+    # SentencePiece tokenizers add a dummy space before the first word
+    assert spelled in (TEXT.encode(), b" " + TEXT.encode()), spelled[:40]
+    assert all(table[i] is None for i in tokenizer.all_special_ids)
+
+
+def reference(bridge, source, anchor, source_lp, anchor_lp, v):
+    """log p(v) of the module docstring, computed by brute force over the vocabularies."""
+    sb = token_bytes(source) + [None] * (bridge.source_size - len(source))
+    ab = token_bytes(anchor) + [None] * (bridge.anchor_size - len(anchor))
+    top = source_lp.topk(bridge.top_k)
+    p_anchor = anchor_lp.double().exp()
+    rest = 1.0 - float(top.values.exp().sum())
+    total = 0.0
+    for u, p in zip(top.indices.tolist(), top.values.double().exp().tolist()):
+        b = sb[u]
+        if not b:
+            continue
+        if b.startswith(ab[v]):
+            total += p
+        longer = [w for w, c in enumerate(ab) if c and len(c) > len(b) and c.startswith(b)]
+        if len(longer) > bridge.anchor_extensions.shape[1] or len(longer) > 32:
+            rest += p
+        elif v in longer:
+            total += p * p_anchor[v] / sum(p_anchor[w] for w in longer)
+    return float(torch.log(total + max(rest, bridge.min_rest) * p_anchor[v]))
+
+
+def test_bridge_matches_its_definition(tokenizers):
+    source, anchor = tokenizers["phi3"], tokenizers["mistral"]
+    bridge = VocabBridge(source, anchor, top_k=64)
+    torch.manual_seed(0)
+    source_lp = (3 * torch.randn(2, bridge.source_size)).log_softmax(-1)
+    anchor_lp = (3 * torch.randn(2, bridge.anchor_size)).log_softmax(-1)
+    got = bridge.log_probs(source_lp, anchor_lp)
+    assert got.shape == (2, bridge.anchor_size) and torch.isfinite(got).all()
+    rng = random.Random(0)
+    words = [anchor.convert_tokens_to_ids(t) for t in ("▁the", "▁theory", "s", "▁")]
+    picks = words + rng.sample(range(300, bridge.anchor_size - 800), 6)
+    for v in picks:
+        assert got[0, v].item() == pytest.approx(reference(bridge, source, anchor, source_lp[0], anchor_lp[0], v),
+                                                 abs=1e-4), anchor.convert_ids_to_tokens(v)
+    special = anchor.bos_token_id
+    assert got[0, special] == anchor_lp[0, special]  # no bytes: the anchor's own
+
+
+@pytest.mark.parametrize("family", ["llama3", "gemma2"])
+def test_a_certain_source_lifts_the_anchor_tokens_it_spells(tokenizers, family):
+    source, anchor = tokenizers[family], tokenizers["mistral"]
+    bridge = VocabBridge(source, anchor)
+    u = source.convert_tokens_to_ids(source.tokenize(" theory")[0])
+    source_lp = torch.full((1, bridge.source_size), -50.0)
+    source_lp[0, u] = 0.0
+    anchor_lp = torch.full((1, bridge.anchor_size), -float(torch.log(torch.tensor(bridge.anchor_size))))
+    top = source_lp.log_softmax(-1).topk(bridge.top_k)
+    correction = bridge.correction(top.values, top.indices, anchor_lp.exp())
+    for piece in ("▁t", "▁th", "▁the", "▁theory"):  # every anchor token the source's bytes start with
+        assert correction[0, anchor.convert_tokens_to_ids(piece)] > 5, piece
+    assert correction[0, anchor.convert_tokens_to_ids("▁cat")] == 0  # nothing agrees with " cat"
