@@ -47,7 +47,8 @@ import torch
 
 from fusion_llm.data.corpora import DOMAINS
 
-RECIPE_VERSION = 2  # bump when a stage's code changes what it produces
+RECIPE_VERSION = 3  # bump when a stage's code changes what it produces
+LORA_MARGIN = 0.05  # bits/byte the headline must lead the same-steps LoRA control by, on every domain
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,10 @@ class LMPreset:
         eval_rows: test rows per domain (each at most ``chunk_chars`` = 320 characters).
         gen_prompts, gen_tokens: the generation benchmark (prompts, new tokens each).
         quantization: how every frozen model loads.
+        fused_variants: names in ``FUSED_VARIANTS`` trained and scored; the headline is chosen on validation.
+            ``quick`` trains the hidden-state head only: the source-predictions head costs ~5 s a step on these
+            stand-ins (their LM heads over 32k-262k vocabularies dwarf their 4-layer bodies), past the
+            15-minute budget; ``micro`` and ``full`` train both.
     """
 
     name: str
@@ -79,6 +84,7 @@ class LMPreset:
     eval_rows: int
     gen_prompts: int
     gen_tokens: int
+    fused_variants: tuple = ("concat head, hidden states",)
     head_lr: float = 1e-2
     lora_lr: float = 5e-3
     head_warmup: int = 10
@@ -91,11 +97,13 @@ class LMPreset:
 
 PRESETS = {
     "micro": LMPreset("micro", pretrain_steps=16, pretrain_batch=4, pretrain_seq=32, head_steps=6, head_batch=4,
-                      head_seq=32, eval_rows=2, gen_prompts=2, gen_tokens=4, head_warmup=2),
+                      head_seq=32, eval_rows=2, gen_prompts=2, gen_tokens=4, head_warmup=2,
+                    fused_variants=("concat head, hidden states", "concat head + source predictions")),
     "quick": LMPreset("quick", pretrain_steps=200, pretrain_batch=8, pretrain_seq=64, head_steps=300, head_batch=8,
                       head_seq=64, eval_rows=24, gen_prompts=4, gen_tokens=16),
     "full": LMPreset("full", pretrain_steps=1500, pretrain_batch=16, pretrain_seq=128, head_steps=1000,
-                     head_batch=16, head_seq=128, eval_rows=200, gen_prompts=8, gen_tokens=64, head_warmup=50),
+                     head_batch=16, head_seq=128, eval_rows=200, gen_prompts=8, gen_tokens=64, head_warmup=50,
+                   fused_variants=("concat head, hidden states", "concat head + source predictions")),
 }
 
 # Stand-in sizes: every Linear dimension a multiple of 64; four different widths, so fusion crosses widths.
@@ -116,6 +124,11 @@ ANCHOR = "mistral"
 TAP_LAYERS = [2, -1]
 FUSION_MODEL = {"shared_width": 64, "adapter": {"kind": "linear", "layer_norm": True},
                 "fusion": {"method": "concat", "hidden": 256}, "head": {"kind": "lm", "source_tails": True}}
+# The fused variants trained and scored; the headline is the one with the lowest *validation* mixture bits/byte.
+FUSED_VARIANTS = {
+    "concat head, hidden states": FUSION_MODEL,
+    "concat head + source predictions": {**FUSION_MODEL, "head": {**FUSION_MODEL["head"], "source_predictions": True}},
+}
 # mergekit's usual settings (not tuned on any split): equal weights, half of each task vector kept.
 MERGES = {"linear": {}, "ties": {"density": 0.5}, "dare_ties": {"density": 0.5}}
 
@@ -189,10 +202,10 @@ def pretrain_all(preset: LMPreset, log) -> dict[str, Path]:
     return dirs
 
 
-def eval_texts(preset: LMPreset) -> dict[str, list[str]]:
+def eval_texts(preset: LMPreset, split: str = "test") -> dict[str, list[str]]:
     from fusion_llm.data.corpora import load_corpus
 
-    return {d: list(load_corpus(d)["test"]["text"][: preset.eval_rows]) for d in DOMAINS}
+    return {d: list(load_corpus(d)[split]["text"][: preset.eval_rows]) for d in DOMAINS}
 
 
 def backbone_spec(name: str, model_dir: Path, preset: LMPreset, anchor: bool = False):
@@ -263,12 +276,17 @@ def lora_rank(model, target_params: int) -> tuple[int, int]:
     return max(1, round(target_params / per_rank)), per_rank
 
 
-def train_lora(preset: LMPreset, anchor_dir: Path, target_params: int, cache: Path, use_cache: bool, log):
+def train_lora(preset: LMPreset, anchor_dir: Path, target_params: int, cache: Path, use_cache: bool, log,
+               steps: int | None = None):
     """The anchor with LoRA adapters (peft) trained on the fusion head's rows, batch and schedule.
 
+    Args:
+        steps: optimizer steps (default the head's); more steps read more rows of the same mixture, in order.
+
     Returns:
-        ``(peft model, info)``; the adapter is cached in ``cache``.
+        ``(peft model, info)``; the adapter is cached in ``cache``. ``info["train_seconds"]``: its training time.
     """
+    steps = steps or preset.head_steps
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
@@ -280,7 +298,7 @@ def train_lora(preset: LMPreset, anchor_dir: Path, target_params: int, cache: Pa
     model = AutoModelForCausalLM.from_pretrained(str(anchor_dir), dtype=torch.float32,
                                                  quantization_config=quantization_config(spec))
     rank, per_rank = lora_rank(model, target_params)
-    recipe = {"preset": preset.to_dict(), "anchor": anchor_dir.name, "rank": rank}
+    recipe = {"preset": preset.to_dict(), "anchor": anchor_dir.name, "rank": rank, "steps": steps}
     stage = cache / _key("lora", recipe)
     if use_cache and (stage / "lora_info.json").is_file():
         info = json.loads((stage / "lora_info.json").read_text())
@@ -289,16 +307,16 @@ def train_lora(preset: LMPreset, anchor_dir: Path, target_params: int, cache: Pa
                                                   lora_dropout=0.0, bias="none"))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     tokenizer = AutoTokenizer.from_pretrained(str(anchor_dir))
-    rows = list(load_corpus("mixture")["train"]["text"][: preset.head_steps * preset.head_batch])
+    started = time.perf_counter()
+    rows = list(load_corpus("mixture")["train"]["text"][: steps * preset.head_batch])
     seqs = tokenizer(rows, add_special_tokens=True, truncation=True, max_length=preset.head_seq)["input_ids"]
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=preset.lora_lr,
                                   weight_decay=0.01)
-    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=preset.head_warmup,
-                              num_training_steps=preset.head_steps)
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=preset.head_warmup, num_training_steps=steps)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     peft_model.train()
     losses, step, epoch = [], 0, 0
-    while step < preset.head_steps:
+    while step < steps:
         order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(epoch)).tolist()
         for start in range(0, len(order) - preset.head_batch + 1, preset.head_batch):
             ids, mask = pad_right([seqs[i] for i in order[start:start + preset.head_batch]], pad)
@@ -311,12 +329,13 @@ def train_lora(preset: LMPreset, anchor_dir: Path, target_params: int, cache: Pa
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
             step += 1
-            if step >= preset.head_steps:
+            if step >= steps:
                 break
         epoch += 1
     peft_model.eval()
     info = {"rank": rank, "params_per_rank": per_rank, "trainable_params": trainable, "target_params": target_params,
-            "final_train_loss": sum(losses[-10:]) / len(losses[-10:]), "steps": step}
+            "final_train_loss": sum(losses[-10:]) / len(losses[-10:]), "steps": step, "rows": len(rows),
+            "train_seconds": round(time.perf_counter() - started, 1)}
     tmp = stage.with_name(f".{stage.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     peft_model.save_pretrained(str(tmp))
@@ -435,21 +454,34 @@ def _entry(name: str, group: str, scores: dict, **extra) -> dict:
 
 
 def check_targets(entries: list[dict]) -> dict:
-    """Fused <= best single backbone on every domain; fused < every merge and the LoRA control on the mixture."""
-    fused = next(e for e in entries if e["group"] == "fused")["bits_per_byte"]
+    """The headline fused entry against every member, both LoRA controls and the merges.
+
+    On every domain: at or below the best single backbone, at least ``LORA_MARGIN`` below the same-steps LoRA
+    control, below the same-time LoRA control; on the mixture: below every backbone and every merge.
+    """
+    fused = next(e for e in entries if e.get("headline"))["bits_per_byte"]
     backbones = [e for e in entries if e["group"] == "backbone"]
-    out = {"per_domain": {}, "mixture": {}}
+    out = {"headline": next(e["name"] for e in entries if e.get("headline")), "per_domain": {}, "lora": {},
+           "mixture": {}}
     for d in DOMAINS:
         best = min(backbones, key=lambda e: e["bits_per_byte"][d])
         margin = fused[d] - best["bits_per_byte"][d]
         out["per_domain"][d] = {"fused": fused[d], "best_backbone": best["name"], "best": best["bits_per_byte"][d],
                                 "margin": margin, "met": margin <= 0}
     for e in entries:
-        if e["group"] in ("merge", "lora"):
+        if e["group"] != "lora":
+            continue
+        need = LORA_MARGIN if e.get("control") == "same steps" else 0.0
+        for d in COLUMNS:
+            margin = fused[d] - e["bits_per_byte"][d]
+            out["lora"][f"{e['name']} / {d}"] = {"fused": fused[d], "other": e["bits_per_byte"][d], "margin": margin,
+                                                 "required": -need, "met": margin <= -need if need else margin < 0}
+    for e in entries:
+        if e["group"] in ("merge", "backbone"):
             margin = fused["mixture"] - e["bits_per_byte"]["mixture"]
             out["mixture"][e["name"]] = {"fused": fused["mixture"], "other": e["bits_per_byte"]["mixture"],
                                          "margin": margin, "met": margin < 0}
-    out["all_met"] = all(v["met"] for v in out["per_domain"].values()) and all(v["met"] for v in out["mixture"].values())
+    out["all_met"] = all(v["met"] for part in ("per_domain", "lora", "mixture") for v in out[part].values())
     return out
 
 
@@ -466,13 +498,17 @@ def render_table(results: dict) -> str:
         cells = [(f"**{e['bits_per_byte'][d]:.3f}**" if e["bits_per_byte"][d] == best[d] else
                   f"{e['bits_per_byte'][d]:.3f}") for d in COLUMNS]
         trainable = f"{e['trainable_params']:,}" if e.get("trainable_params") else ""
-        lines.append(f"| {e['name']} | {e['group']} | " + " | ".join(cells)
+        name = f"{e['name']} (headline)" if e.get("headline") else e["name"]
+        lines.append(f"| {name} | {e['group']} | " + " | ".join(cells)
                      + f" | {e['token_perplexity']['mixture']:.1f} ({e['vocabulary']}) | {trainable} |")
     t = results["targets"]
-    lines += ["", "Targets:"]
+    lines += ["", f"Targets (headline: {t['headline']}, chosen on validation):"]
     for d, v in t["per_domain"].items():
         lines.append(f"- {d}: fused {v['fused']:.3f} vs best backbone {v['best_backbone']} {v['best']:.3f} "
                      f"-> {'met' if v['met'] else 'MISSED'} (margin {v['margin']:+.3f} bits/byte)")
+    for name, v in t["lora"].items():
+        lines.append(f"- {name}: fused {v['fused']:.3f} vs {v['other']:.3f} -> {'met' if v['met'] else 'MISSED'} "
+                     f"(margin {v['margin']:+.3f}, required {v['required']:+.2f})")
     for name, v in t["mixture"].items():
         lines.append(f"- mixture: fused {v['fused']:.3f} vs {name} {v['other']:.3f} -> "
                      f"{'met' if v['met'] else 'MISSED'} (margin {v['margin']:+.3f})")
@@ -590,28 +626,44 @@ def run_lm_track(preset: str, out_dir: Path, *, use_cache: bool = True, log=prin
         return loaded, entries
 
     loaded, entries = stages.run("backbones alone", alone_all)
-    head_dir, summary = stages.run("fused: train head", train_fused, p, dirs, cache, use_cache, log)
+    validation = eval_texts(p, "validation")
 
-    def fused_scores():
+    def fused_variant(label: str, spec: dict):
+        head_dir, summary = train_fused(p, dirs, cache, use_cache, log, model=spec)
         model = FusionModel.from_pretrained(head_dir, backbones=loaded)
         params = sum(x.numel() for x in model.head.parameters())
         scores = {d: score_fused(model, t) for d, t in texts.items()}
-        return model, params, _entry(f"fused (anchor {ANCHOR}, {FUSION_MODEL['fusion']['method']} head)", "fused",
-                                     scores, vocabulary="mistral", trainable_params=params,
-                                     train_summary={k: summary.get(k) for k in ("steps", "final", "anchor_eval",
-                                                                                "tokens_per_second")})
+        val = sum((score_fused(model, t) for t in validation.values()), start=type(scores[DOMAINS[0]])())
+        return model, _entry(f"fused: {label}", "fused", scores, vocabulary="mistral", trainable_params=params,
+                             validation_bits_per_byte=val.bits_per_byte, fusion_model=spec,
+                             train_seconds=summary.get("train_seconds"),
+                             train_summary={k: summary.get(k) for k in ("steps", "final", "anchor_eval",
+                                                                        "tokens_per_second")})
 
-    model, head_params, fused_entry = stages.run("fused: score", fused_scores)
+    fused_models, fused_entries = {}, []
+    for label in p.fused_variants:
+        spec = FUSED_VARIANTS[label]
+        fused_models[label], entry = stages.run(f"fused ({label}): train + score", fused_variant, label, spec)
+        entry["train_seconds"] = entry["train_seconds"] or stages.seconds[f"fused ({label}): train + score"]["wall_s"]
+        fused_entries.append(entry)
+    headline = min(fused_entries, key=lambda e: e["validation_bits_per_byte"])  # chosen on validation rows
+    headline["headline"] = True
+    model = fused_models[headline["name"].removeprefix("fused: ")]
+    head_params = headline["trainable_params"]
 
-    def lora_scores():
-        peft_model, info = train_lora(p, dirs["mistral-code"], head_params, cache, use_cache, log)
+    def lora_scores(control: str, steps: int):
+        peft_model, info = train_lora(p, dirs["mistral-code"], head_params, cache, use_cache, log, steps=steps)
         fn = hf_logits_fn(peft_model)
         tokenizer = loaded[ANCHOR].tokenizer
         scores = {d: score_causal_lm(fn, tokenizer, t, max_positions=1024) for d, t in texts.items()}
-        return _entry(f"LoRA r={info['rank']} on the anchor", "lora", scores, vocabulary="mistral",
-                      trainable_params=info["trainable_params"], lora=info)
+        return _entry(f"LoRA r={info['rank']} on the anchor, {control} ({info['steps']} steps)", "lora", scores,
+                      vocabulary="mistral", trainable_params=info["trainable_params"], lora=info, control=control)
 
-    lora_entry = stages.run("LoRA control: train + score", lora_scores)
+    lora_entry = stages.run("LoRA control (same steps): train + score", lora_scores, "same steps", p.head_steps)
+    # The second control trains as long as the headline's head did (wall-clock), at LoRA's own pace.
+    per_step = lora_entry["lora"]["train_seconds"] / max(lora_entry["lora"]["steps"], 1)
+    time_steps = max(p.head_steps, round(headline["train_seconds"] / max(per_step, 1e-9)))
+    lora_time_entry = stages.run("LoRA control (same time): train + score", lora_scores, "same time", time_steps)
 
     def merge_scores():
         merged = merge_all(dirs, cache, use_cache)
@@ -629,14 +681,14 @@ def run_lm_track(preset: str, out_dir: Path, *, use_cache: bool = True, log=prin
 
     merge_entries = stages.run("merges: mergekit + score", merge_scores)
     generation = stages.run("generation benchmark", generation_benchmark, model, dirs["mistral-code"], p, texts)
-    entries = [*entries, fused_entry, lora_entry, *merge_entries]
+    entries = [*entries, *fused_entries, lora_entry, lora_time_entry, *merge_entries]
     lag = alignment_lag(texts, loaded)
 
     results = {
         "preset": p.name, "track": "lm", "date": dt.datetime.now().isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
                    f"{torch.get_num_threads()} torch thread(s), load average {os.getloadavg()[0]:.1f}",
-        "config": p.to_dict(), "schedules": schedules(p), "standin_sizes": STANDIN_SIZES, "fusion_model": FUSION_MODEL,
+        "config": p.to_dict(), "schedules": schedules(p), "standin_sizes": STANDIN_SIZES, "fused_variants": FUSED_VARIANTS,
         "corpus_fingerprint": manifest["fingerprint"], "eval_rows": p.eval_rows,
         "eval_bytes": {d: text_bytes(t) for d, t in texts.items()},
         "pretrained": {k: json.loads((Path(v) / "pretrain.json").read_text()) for k, v in dirs.items()},

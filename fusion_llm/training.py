@@ -327,6 +327,7 @@ def train(run: RunConfig, *, resume: bool = False, cache_features: bool | None =
         "examples_per_step": seen / max(len(history), 1),  # optimizer steps of this invocation
         "examples_per_second": seen / (time.perf_counter() - started),
         "tokens_per_second": tokens / (time.perf_counter() - started),
+        "train_seconds": time.perf_counter() - started,  # the loop of this invocation, its evaluations included
         "process_head_checksums": checksums.cpu().tolist(),
     }
     if is_main:

@@ -1,23 +1,23 @@
 """Carry a source model's next-token distribution onto the anchor's vocabulary, through shared byte strings.
 
 A source LM with its own tokenizer predicts ``P_src(u)`` over its tokens ``u`` for the text that follows a
-prefix. The anchor needs, for each of its tokens ``v``, how likely the next bytes start with ``bytes(v)``.
-Over the source's ``top_k`` tokens at that position:
+prefix. The anchor needs the probability of its own *next token*. The mass of each of the source's ``top_k``
+tokens goes where the anchor's tokenizer would put those bytes:
 
-- ``u`` starts with ``bytes(v)`` (``u`` extends ``v``, or equals it): all of ``P_src(u)`` agrees with ``v``
-  (each source token starts with at most ``len(bytes(u))`` anchor tokens: a small table);
-- ``u`` is a proper prefix of ``bytes(v)``: the source would go on after ``u`` with bytes it has not
-  predicted yet. When ``u`` has at most ``max_extensions`` proper extensions in the anchor's vocabulary, its
-  mass is split over them in proportion to the anchor's own distribution (``P_anchor(v) / Z_anchor(u)``);
-- everything else (the mass outside the top-k, and short ``u`` such as a lone space, whose continuation
-  could be nearly any anchor token) is spread like the anchor's distribution: ``rest * P_anchor(v)``.
+- to the anchor's first token for ``bytes(u)`` (the longest anchor token they start with) when that token is
+  shorter than ``u``: the anchor would emit it and go on with the rest;
+- when an anchor token spells ``u`` whole, the anchor might also merge ``u`` with what follows into a longer
+  token: ``P_src(u)`` is shared among the anchor tokens that start with ``bytes(u)`` (that one included), in
+  proportion to the anchor's own distribution over them (at most ``max_extensions`` of them; otherwise it
+  all goes to the token that spells ``u``);
+- the mass outside the top-k is spread like the anchor's distribution: ``rest * P_anchor(v)``.
 
-``p(v) = extends(v) + prefixed(v) + rest * P_anchor(v)``. Most anchor tokens get only the last term, so
-the bridge returns the sparse part as a *correction* to ``log(rest * P_anchor(v))``:
-``log p(v) = log P_anchor(v) + log(rest) + log1p((extends(v) + prefixed(v)) / (rest * P_anchor(v)))``;
-the first two terms are the anchor's own log-probabilities and a per-position constant, which a softmax
-does not see, so a log-linear mix of the anchor and the source is the anchor's logits rescaled plus this
-correction. Anchor tokens without bytes (special tokens) get no correction.
+So ``p`` is a distribution over the anchor's vocabulary (it sums to one), and most anchor tokens get only the
+last term. The bridge returns the rest as a *correction* to ``log(rest * P_anchor(v))``:
+``log p(v) = log P_anchor(v) + log(rest) + log1p(placed(v) / (rest * P_anchor(v)))``; the first two terms are
+the anchor's own log-probabilities and a per-position constant, which a softmax does not see, so a log-linear
+mix of the anchor and the source is the anchor's logits rescaled plus this correction. Anchor tokens without
+bytes (special tokens) get no correction.
 
 Everything here runs under ``no_grad`` on frozen outputs; it only ever sees the source's distribution at a
 position the causal alignment chose, so it adds nothing the anchor's prefix does not hold.
@@ -99,13 +99,13 @@ class VocabBridge:
         source_size, anchor_size: rows of each LM head (may exceed the tokenizer's size: padded vocabularies;
             the extra rows have no bytes).
         top_k: source tokens kept per position.
-        max_extensions: a source token that is a proper prefix of more anchor tokens than this has its
-            continuation spread like the anchor's whole distribution instead.
+        max_extensions: a source token spelled whole by an anchor token that more than this many anchor tokens
+            extend gives all its mass to that anchor token instead of sharing it among the extensions.
         min_rest: floor of ``rest`` (keeps the correction finite when the top-k hold all the mass).
     """
 
     def __init__(self, source_tokenizer, anchor_tokenizer, source_size: int | None = None,
-                 anchor_size: int | None = None, top_k: int = 128, max_extensions: int = 32,
+                 anchor_size: int | None = None, top_k: int = 1024, max_extensions: int = 256,
                  min_rest: float = 1e-4):
         src = token_bytes(source_tokenizer)
         anc = token_bytes(anchor_tokenizer)
@@ -113,29 +113,23 @@ class VocabBridge:
         anc += [None] * max(0, (anchor_size or 0) - len(anc))
         self.source_size, self.anchor_size = len(src), len(anc)
         self.top_k, self.min_rest = top_k, min_rest
-        anchor_index: dict[bytes, list[int]] = {}
+        anchor_index: dict[bytes, int] = {}
         for v, b in enumerate(anc):
-            if b:
-                anchor_index.setdefault(b, []).append(v)
-        # Per source token: the anchor tokens its bytes start with (dummy column anchor_size pads).
-        self.anchor_prefixes = _padded([[v for k in range(1, len(b) + 1) for v in anchor_index.get(b[:k], ())]
-                                        if b else [] for b in src], self.anchor_size)  # (V_src, W)
-        # Per source token: the anchor tokens that properly extend it, when there are at most max_extensions.
+            if b and b not in anchor_index:
+                anchor_index[b] = v
         order = sorted((v for v, b in enumerate(anc) if b), key=lambda v: anc[v])
         keys = [anc[v] for v in order]
         top = b"\xff" * (max(len(b) for b in src + anc if b) + 1)
-        extensions, spread = [], []
+        first, extensions = [], []
         for b in src:
-            if not b:
-                extensions.append([])
-                spread.append(False)
-                continue
-            lo, hi = bisect.bisect_right(keys, b), bisect.bisect_left(keys, b + top)
-            many = hi - lo > max_extensions
-            extensions.append([] if many else order[lo:hi])
-            spread.append(many)
-        self.anchor_extensions = _padded(extensions, self.anchor_size)  # (V_src, C)
-        self.spread = torch.tensor(spread)  # (V_src,) continuation spread like the anchor's distribution
+            # The anchor's first token for these bytes: the longest anchor token they start with.
+            v = next((anchor_index[b[:k]] for k in range(len(b or b""), 0, -1) if b[:k] in anchor_index), None)
+            first.append(self.anchor_size if v is None else v)
+            lo, hi = (bisect.bisect_left(keys, b), bisect.bisect_left(keys, b + top)) if b else (0, 0)
+            whole = v is not None and anc[v] == b
+            extensions.append(order[lo:hi] if whole and 1 < hi - lo <= max_extensions else [])
+        self.first_anchor = torch.tensor(first, dtype=torch.long)  # (V_src,), anchor_size = none
+        self.anchor_extensions = _padded(extensions, self.anchor_size)  # (V_src, C), the first token included
         self.mapped = torch.tensor([b is not None for b in anc])  # (V_anchor,)
 
     @torch.no_grad()
@@ -153,24 +147,23 @@ class VocabBridge:
         n = top_ids.shape[0]
         top_p = top_log_probs.float().exp()
         anchor_probs = torch.nn.functional.pad(anchor_probs[:, : self.anchor_size].float(), (0, 1))  # dummy col
-        spread = self.spread[top_ids]  # (n, k)
         extensions = self.anchor_extensions[top_ids].long()  # (n, k, C)
         ext_p = anchor_probs.gather(1, extensions.flatten(1)).view(extensions.shape)  # (n, k, C)
-        z = ext_p.sum(-1, keepdim=True)  # (n, k, 1) anchor mass on u's proper extensions
-        placed = (~spread) & (z.squeeze(-1) > 0)
+        z = ext_p.sum(-1, keepdim=True)  # (n, k, 1) anchor mass on the tokens that spell u or extend it
+        shared = z.squeeze(-1) > 0  # (n, k) u's mass is shared among its extensions, else all on its first token
         sparse = torch.zeros((n, self.anchor_size + 1))
-        prefixes = self.anchor_prefixes[top_ids].long()  # (n, k, W)
-        sparse.scatter_add_(1, prefixes.flatten(1), top_p.unsqueeze(-1).expand(prefixes.shape).flatten(1))
-        share = torch.where(placed.unsqueeze(-1), ext_p / z.clamp_min(1e-30), torch.zeros_like(ext_p))
+        sparse.scatter_add_(1, self.first_anchor[top_ids], torch.where(shared, torch.zeros_like(top_p), top_p))
+        share = torch.where(shared.unsqueeze(-1), ext_p / z.clamp_min(1e-30), torch.zeros_like(ext_p))
         sparse.scatter_add_(1, extensions.flatten(1), (top_p.unsqueeze(-1) * share).flatten(1))
         floor = anchor_probs[:, :-1].mul_(self.rest(top_log_probs, top_ids).unsqueeze(-1)).clamp_min_(1e-30)
         out = sparse[:, :-1].div_(floor).log1p_()
         return out.masked_fill_(~self.mapped, 0.0)
 
     def rest(self, top_log_probs: torch.Tensor, top_ids: torch.Tensor) -> torch.Tensor:
-        """(N,) the source's mass spread like the anchor's distribution: outside the top-k, or after a short token."""
+        """(N,) the source's mass spread like the anchor's distribution: outside the top-k (or unspellable)."""
         top_p = top_log_probs.float().exp()
-        return (1.0 - top_p.sum(-1) + (top_p * self.spread[top_ids]).sum(-1)).clamp_min(self.min_rest)
+        lost = self.first_anchor[top_ids] == self.anchor_size  # no anchor token spells its start
+        return (1.0 - top_p.sum(-1) + (top_p * lost).sum(-1)).clamp_min(self.min_rest)
 
     def log_probs(self, source_log_probs: torch.Tensor, anchor_log_probs: torch.Tensor) -> torch.Tensor:
         """``log p(v)`` itself (N, V_anchor), from full (N, V_src) source log-probabilities: the anchor's

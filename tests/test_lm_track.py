@@ -44,14 +44,22 @@ def test_micro_lm_track_scores_every_model_and_writes_its_files(lm_track, tmp_pa
     for e in results["entries"]:
         for d in ("shakespeare", "code", "prose", "mixture"):
             assert math.isfinite(e["bits_per_byte"][d]) and e["bits_per_byte"][d] > 0
-    fused = next(e for e in results["entries"] if e["group"] == "fused")
-    lora = next(e for e in results["entries"] if e["group"] == "lora")
-    assert abs(lora["trainable_params"] - fused["trainable_params"]) / fused["trainable_params"] < 0.1
+    fused = [e for e in results["entries"] if e["group"] == "fused"]
+    assert len(fused) == 2 and sum(bool(e.get("headline")) for e in fused) == 1  # both variants, one headline
+    headline = next(e for e in fused if e.get("headline"))
+    assert headline["validation_bits_per_byte"] == min(e["validation_bits_per_byte"] for e in fused)
+    loras = {e["control"]: e for e in results["entries"] if e["group"] == "lora"}
+    assert set(loras) == {"same steps", "same time"}
+    for lora in loras.values():
+        assert abs(lora["trainable_params"] - headline["trainable_params"]) / headline["trainable_params"] < 0.1
+    assert loras["same time"]["lora"]["steps"] >= loras["same steps"]["lora"]["steps"]
     anchor = next(e for e in results["entries"] if e["group"] == "backbone" and "[anchor]" in e["name"])
     bytes_ = {d: anchor["scores"][d]["bytes"] for d in ("shakespeare", "code", "prose")}
     assert all(e["scores"][d]["bytes"] == b for e in results["entries"] for d, b in bytes_.items())  # one scale
     assert set(results["targets"]["per_domain"]) == {"shakespeare", "code", "prose"}
-    assert len(results["targets"]["mixture"]) == 4  # three merges and the LoRA control
+    assert len(results["targets"]["mixture"]) == 7  # three merges and the four backbones
+    assert len(results["targets"]["lora"]) == 8  # two LoRA controls x (three domains and the mixture)
+    assert results["targets"]["headline"] == headline["name"]
     assert results["generation"]["fused_tokens_per_s"] > 0 and results["generation"]["anchor_tokens_per_s"] > 0
 
     for name in ("lm_results.json", "lm_results.md", "lm_shakespeare.png", "lm_code.png", "lm_prose.png",
@@ -59,4 +67,4 @@ def test_micro_lm_track_scores_every_model_and_writes_its_files(lm_track, tmp_pa
         assert (out / name).is_file(), name
     shared = json.loads((out / "results.json").read_text())
     assert shared["track"] == "grokking" and shared["lm_track"]["preset"] == "micro"
-    assert "| fused (anchor mistral" in (out / "lm_results.md").read_text()
+    assert "(headline) | fused |" in (out / "lm_results.md").read_text()

@@ -44,26 +44,28 @@ def reference(bridge, source, anchor, source_lp, anchor_lp, v):
     total = 0.0
     for u, p in zip(top.indices.tolist(), top.values.double().exp().tolist()):
         b = sb[u]
-        if not b:
-            continue
-        if b.startswith(ab[v]):
-            total += p
-        longer = [w for w, c in enumerate(ab) if c and len(c) > len(b) and c.startswith(b)]
-        if len(longer) > bridge.anchor_extensions.shape[1] or len(longer) > 32:
+        spelled = [w for w, c in enumerate(ab) if c and b and b.startswith(c)]
+        if not spelled:
             rest += p
-        elif v in longer:
-            total += p * p_anchor[v] / sum(p_anchor[w] for w in longer)
+            continue
+        first = max(spelled, key=lambda w: (len(ab[w]), -w))  # the longest; the lowest id among equal bytes
+        extended = [w for w, c in enumerate(ab) if c and c.startswith(b)] if ab[first] == b else []
+        if 1 < len(extended) <= bridge.anchor_extensions.shape[1]:
+            total += p * p_anchor[v] / sum(p_anchor[w] for w in extended) if v in extended else 0.0
+        elif v == first:
+            total += p
     return float(torch.log(total + max(rest, bridge.min_rest) * p_anchor[v]))
 
 
 def test_bridge_matches_its_definition(tokenizers):
     source, anchor = tokenizers["phi3"], tokenizers["mistral"]
-    bridge = VocabBridge(source, anchor, top_k=64)
+    bridge = VocabBridge(source, anchor, top_k=64, max_extensions=256)
     torch.manual_seed(0)
     source_lp = (3 * torch.randn(2, bridge.source_size)).log_softmax(-1)
     anchor_lp = (3 * torch.randn(2, bridge.anchor_size)).log_softmax(-1)
     got = bridge.log_probs(source_lp, anchor_lp)
     assert got.shape == (2, bridge.anchor_size) and torch.isfinite(got).all()
+    assert got.exp().sum(-1).sub(1).abs().max() < 0.05  # a distribution (up to the rest floor and special tokens)
     rng = random.Random(0)
     words = [anchor.convert_tokens_to_ids(t) for t in ("▁the", "▁theory", "s", "▁")]
     picks = words + rng.sample(range(300, bridge.anchor_size - 800), 6)
@@ -75,15 +77,14 @@ def test_bridge_matches_its_definition(tokenizers):
 
 
 @pytest.mark.parametrize("family", ["llama3", "gemma2"])
-def test_a_certain_source_lifts_the_anchor_tokens_it_spells(tokenizers, family):
+def test_a_certain_source_puts_its_mass_where_the_anchor_would_cut(tokenizers, family):
     source, anchor = tokenizers[family], tokenizers["mistral"]
     bridge = VocabBridge(source, anchor)
     u = source.convert_tokens_to_ids(source.tokenize(" theory")[0])
     source_lp = torch.full((1, bridge.source_size), -50.0)
     source_lp[0, u] = 0.0
     anchor_lp = torch.full((1, bridge.anchor_size), -float(torch.log(torch.tensor(bridge.anchor_size))))
-    top = source_lp.log_softmax(-1).topk(bridge.top_k)
-    correction = bridge.correction(top.values, top.indices, anchor_lp.exp())
-    for piece in ("▁t", "▁th", "▁the", "▁theory"):  # every anchor token the source's bytes start with
-        assert correction[0, anchor.convert_tokens_to_ids(piece)] > 5, piece
-    assert correction[0, anchor.convert_tokens_to_ids("▁cat")] == 0  # nothing agrees with " cat"
+    mapped = bridge.log_probs(source_lp.log_softmax(-1), anchor_lp).exp()[0]
+    first = anchor.tokenize(" theory")[0]  # the anchor's own first token of these bytes
+    assert mapped[anchor.convert_tokens_to_ids(first)] > 0.9, first
+    assert mapped[anchor.convert_tokens_to_ids("▁cat")] < 1e-6  # nothing agrees with " cat"
