@@ -167,8 +167,10 @@ def plan(config: FusionConfig, batch_size: int = 8, seq_len: int = 512) -> Plan:
     lm = config.head["kind"] == "lm"
     plans, memory = [], 0.0
     specs = config.backbone_specs
+    predictions = lm and config.head.get("source_predictions", False)
     for spec in specs:
-        bp = plan_backbone(spec, with_lm_head=lm and spec.anchor)
+        with_head = lm and (spec.anchor or predictions)  # source predictions need every source's LM head
+        bp = plan_backbone(spec, with_lm_head=with_head)
         config.set_backbone_fields(spec.name, num_hidden_layers=spec.num_hidden_layers, hidden_size=spec.hidden_size,
                                    max_position_embeddings=spec.max_position_embeddings)
         plans.append(bp)
@@ -176,6 +178,8 @@ def plan(config: FusionConfig, batch_size: int = 8, seq_len: int = 512) -> Plan:
         if lm and spec.anchor:
             vocab = spec.load_model_config().get_text_config().vocab_size
             memory += 3 * 4 * batch_size * seq_len * vocab  # fp32 logits, their softmax and gradient
+        elif with_head:  # a source's fp32 logits (no gradient) before its top-k
+            memory += 4 * batch_size * seq_len * spec.load_model_config().get_text_config().vocab_size
     trainable = trainable_parameters(config)
     memory += trainable * (4 + 4 + 8)  # fp32 weights, gradients, AdamW moments
     return Plan(plans, trainable, float(config.budget_limit), batch_size, seq_len, memory)

@@ -36,6 +36,19 @@ def test_real_four_model_plan_is_within_8b():
     assert abs(full["gemma"] - 2.61e9) / 2.61e9 < 0.01
 
 
+def test_source_predictions_plan_counts_every_sources_lm_head():
+    run = load_run_config(ROOT / "configs/fusion_4llm.yaml")
+    config = run.fusion_config()
+    base = plan(config, batch_size=1, seq_len=512)
+    with_predictions = plan(FusionConfig(**{**config.to_dict(), "head": {**config.head, "source_predictions": True}}),
+                            batch_size=1, seq_len=512)
+    grown = {b.name: w.bf16_equivalent - b.bf16_equivalent for b, w in zip(base.backbones, with_predictions.backbones)}
+    anchor = config.anchor_name
+    assert grown[anchor] == 0 and all(v >= 0 for v in grown.values())  # a tied LM head (Gemma) adds nothing
+    assert sum(v > 0 for n, v in grown.items() if n != anchor) >= 2
+    assert with_predictions.within_budget  # the four real models with every LM head still fit the 8B limit
+
+
 def test_truncation_shrinks_the_plan():
     deep = FusionConfig(backbones=[backbone(tap_layers=[-1])])
     half = FusionConfig(backbones=[backbone(tap_layers=[16])])
