@@ -105,7 +105,7 @@ class VocabBridge:
     """
 
     def __init__(self, source_tokenizer, anchor_tokenizer, source_size: int | None = None,
-                 anchor_size: int | None = None, top_k: int = 1024, max_extensions: int = 256,
+                 anchor_size: int | None = None, top_k: int = 256, max_extensions: int = 64,
                  min_rest: float = 1e-4):
         src = token_bytes(source_tokenizer)
         anc = token_bytes(anchor_tokenizer)
