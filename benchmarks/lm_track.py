@@ -644,7 +644,6 @@ def run_lm_track(preset: str, out_dir: Path, *, use_cache: bool = True, log=prin
     for label in p.fused_variants:
         spec = FUSED_VARIANTS[label]
         fused_models[label], entry = stages.run(f"fused ({label}): train + score", fused_variant, label, spec)
-        entry["train_seconds"] = entry["train_seconds"] or stages.seconds[f"fused ({label}): train + score"]["wall_s"]
         fused_entries.append(entry)
     headline = min(fused_entries, key=lambda e: e["validation_bits_per_byte"])  # chosen on validation rows
     headline["headline"] = True

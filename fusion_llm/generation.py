@@ -257,7 +257,7 @@ def generate(model, prompts: list[str] | str, max_new_tokens: int = 32, do_sampl
         for name, (taps, index) in source_feats.items():
             if sources.predictions:
                 *taps, source_last[name] = taps
-                alignment[name] = index.clamp_max(0)  # (n, 1): position 0 of the (n, 1, H) last layer, or -1
+                alignment[name] = index  # (n, 1): position 0 of the (n, 1, H) last layer, or -1
             features[name] = head.align(name, [t.to(device) for t in taps], index.to(device))
         last = hidden[last_layer][rows]
         confidence = corrections = None

@@ -177,7 +177,7 @@ class VocabBridge:
 
 @torch.no_grad()
 def top_log_probs(backbone, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A frozen LM's ``k`` most likely next tokens, without materialising more than its logits once.
+    """A frozen LM's ``k`` most likely next tokens (through its own output layer, `FrozenBackbone.lm_logits`).
 
     Args:
         backbone: a `FrozenBackbone` loaded with its LM head.
@@ -187,9 +187,7 @@ def top_log_probs(backbone, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor,
         ``(log_probs, ids, entropy)``: (N, k) log-probabilities and token ids, and (N,) the entropy (nats) of the
         top-k part plus the rest taken as one outcome (a cheap stand-in for the full entropy).
     """
-    logits = backbone.lm_head(backbone.final_norm(hidden)).float()  # (N, V)
-    if backbone.logit_softcap:  # in place: this is the largest tensor of the fused step
-        logits.div_(backbone.logit_softcap).tanh_().mul_(backbone.logit_softcap)
+    logits = backbone.lm_logits(hidden).float()  # (N, V)
     top, ids = logits.topk(min(k, logits.shape[-1]), dim=-1)
     log_probs = top - torch.logsumexp(logits, dim=-1, keepdim=True)
     p = log_probs.exp()
