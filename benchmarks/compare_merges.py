@@ -2,6 +2,7 @@
 
     python benchmarks/compare_merges.py                      # quick preset, both tracks (one core each)
     python benchmarks/compare_merges.py --track grokking     # the grokking track alone
+    python benchmarks/compare_merges.py --track real         # real SmolLM2-135M + Gemma-3-270M (fetched once)
     python benchmarks/compare_merges.py --preset medium --track grokking   # 1 seed, longer; ~35 min
     python benchmarks/compare_merges.py --preset full        # 3 seeds, the seed's budget; hours, resumable
     python benchmarks/compare_merges.py --preset micro --out /tmp/cm   # smoke run (< 60 s)
@@ -145,7 +146,9 @@ def run_lm(preset_name: str, out_dir: Path, use_cache: bool = True, path: Path =
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="micro, quick (default), medium (grokking track only) or full")
-    parser.add_argument("--track", default="all", choices=("grokking", "lm", "all"))
+    parser.add_argument("--track", default="all", choices=("grokking", "lm", "real", "all"),
+                        help="all: grokking and LM tracks side by side, then the real-members track when its members are "
+                        "provisioned (--track real fetches them)")
     parser.add_argument("--out", default=None, help="output folder (default results/compare_merges/<preset>)")
     parser.add_argument("--fresh", action="store_true", help="delete this preset's cache first and recompute "
                         "everything (the stand-ins and tokenizers in the fusion_llm cache are kept)")
@@ -171,9 +174,40 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(out_dir / "cache" / "grokking")  # this track's models, merges, heads and features
         run_grokking(preset, out_dir, use_cache=True, threads=args.threads)
     if lm_process is not None:
-        return finish_lm_process(lm_process, out_dir)
-    if args.track in ("lm", "all"):
+        code = finish_lm_process(lm_process, out_dir)
+        if code:
+            return code
+    elif args.track in ("lm", "all"):
         run_lm(preset.name, out_dir, use_cache=not args.fresh)
+    if args.track == "real":
+        return run_real(preset.name, out_dir, fresh=args.fresh)
+    if args.track == "all":
+        from fusion_llm.real_members import REAL_MEMBERS, is_provisioned
+
+        if all(is_provisioned(name) for name in REAL_MEMBERS):
+            return run_real(preset.name, out_dir, fresh=args.fresh)
+        print("the real-members track is skipped: its members are not provisioned "
+              "(python scripts/fetch_real_members.py, then --track real or all)")
+    return 0
+
+
+def run_real(preset_name: str, out_dir: Path, fresh: bool = False) -> int:
+    """The real-members track (``benchmarks/real_track.py``): two worker processes, one core each."""
+    spec = importlib.util.spec_from_file_location("real_track", ROOT / "benchmarks" / "real_track.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if preset_name not in module.PRESETS:
+        print(f"the real-members track has no preset {preset_name!r} (it has {', '.join(module.PRESETS)}): skipped")
+        return 0
+    if fresh and (out_dir / "cache" / "real").is_dir():
+        shutil.rmtree(out_dir / "cache" / "real")
+    try:
+        module.run_real_track(preset_name, out_dir)
+    except Exception as e:  # a member that cannot be provisioned (no network, a hash mismatch): one line
+        if type(e).__name__ != "RealMemberError":
+            raise
+        print(f"compare_merges: error: real-members track: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -277,11 +277,12 @@ def lora_rank(model, target_params: int) -> tuple[int, int]:
 
 
 def train_lora(preset: LMPreset, anchor_dir: Path, target_params: int, cache: Path, use_cache: bool, log,
-               steps: int | None = None):
+               steps: int | None = None, name: str = ANCHOR):
     """The anchor with LoRA adapters (peft) trained on the fusion head's rows, batch and schedule.
 
     Args:
         steps: optimizer steps (default the head's); more steps read more rows of the same mixture, in order.
+        name: the backbone's name (its spec's quantization is the one the model loads with).
 
     Returns:
         ``(peft model, info)``; the adapter is cached in ``cache``. ``info["train_seconds"]``: its training time.
@@ -294,11 +295,13 @@ def train_lora(preset: LMPreset, anchor_dir: Path, target_params: int, cache: Pa
     from fusion_llm.data.corpora import load_corpus
     from fusion_llm.data.pipeline import pad_right
 
-    spec = backbone_spec(ANCHOR, anchor_dir, preset, anchor=True)
+    spec = backbone_spec(name, anchor_dir, preset, anchor=True)
     model = AutoModelForCausalLM.from_pretrained(str(anchor_dir), dtype=torch.float32,
                                                  quantization_config=quantization_config(spec))
     rank, per_rank = lora_rank(model, target_params)
     recipe = {"preset": preset.to_dict(), "anchor": anchor_dir.name, "rank": rank, "steps": steps}
+    if (anchor_dir / "provenance.json").is_file():  # a converted real member: which conversion
+        recipe["provenance"] = json.loads((anchor_dir / "provenance.json").read_text())
     stage = cache / _key("lora", recipe)
     if use_cache and (stage / "lora_info.json").is_file():
         info = json.loads((stage / "lora_info.json").read_text())

@@ -28,6 +28,9 @@ from pathlib import Path
 
 from .paths import cache_dir
 
+# Bump when convert_gguf changes what it writes (finished folders of an older converter are redone).
+CONVERTER_VERSION = 2
+
 __all__ = ["REAL_MEMBERS", "RealMember", "RealMemberError", "convert_gguf", "member_dir", "provision",
            "is_provisioned"]
 
@@ -96,7 +99,8 @@ def is_provisioned(name: str) -> bool:
         info = json.loads((member_dir(name) / "provenance.json").read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(info, dict) and info.get("gguf_sha256") == REAL_MEMBERS[name].gguf_sha256
+    return (isinstance(info, dict) and info.get("gguf_sha256") == REAL_MEMBERS[name].gguf_sha256
+            and info.get("converter") == CONVERTER_VERSION)
 
 
 def _sha256(path: Path) -> str:
@@ -206,6 +210,7 @@ def convert_gguf(gguf: Path, out_dir: Path, *, expected_class: str | None = None
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=True)
+    _start_with_bos(tokenizer)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -213,7 +218,7 @@ def convert_gguf(gguf: Path, out_dir: Path, *, expected_class: str | None = None
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         (tmp / "provenance.json").write_text(json.dumps({
-            "gguf": gguf.name, "gguf_sha256": _sha256(gguf), "model_class": type(model).__name__,
+            "gguf": gguf.name, "gguf_sha256": _sha256(gguf), "converter": CONVERTER_VERSION, "model_class": type(model).__name__,
             "parameters": sum(p.numel() for p in model.parameters()), **(provenance or {})}, indent=1))
         old = out_dir.with_name(f".{out_dir.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -224,6 +229,20 @@ def convert_gguf(gguf: Path, out_dir: Path, *, expected_class: str | None = None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _start_with_bos(tokenizer) -> None:
+    """Make the tokenizer put its BOS in front of every text (SmolLM2's GGUF tokenizer adds none), so the
+    member alone, its LoRA and the fused model all score and train on the same ids: BOS, then the text."""
+    bos = tokenizer.bos_token
+    if bos is None or tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        return
+    from tokenizers import processors
+
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, tokenizer.bos_token_id)])
+    if tokenizer("a")["input_ids"][:1] != [tokenizer.bos_token_id]:
+        raise RealMemberError(f"could not make the tokenizer start each text with {bos!r}")
 
 
 def provision(names: list[str] | None = None, *, force: bool = False, wheel_dir: str | Path | None = None,

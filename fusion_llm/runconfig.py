@@ -27,7 +27,8 @@ class DataConfig:
         task: a built-in task (``topics``, or a grokking task such as ``x_plus_y`` / ``grokking_all``);
             ``topics`` when no source is given.
         dataset: a HF dataset name (loaded with ``datasets.load_dataset``; needs the hub or its cache).
-        files: local data files, ``{"train": path, "validation": path}`` (json/jsonl/csv/parquet/txt).
+        files: local data files, ``{"train": path, "validation": path}`` (json/jsonl/csv/parquet/txt);
+            ``cache:text/mixture/train.jsonl`` names a file in the fusion_llm cache (the prepared corpora).
         text_column, label_column: column names.
         max_length: longest token sequence per backbone (longer inputs are truncated with a warning).
         train_split, eval_split: split names.
@@ -209,6 +210,12 @@ def build_run_config(data: dict, base: Path = REPO_ROOT) -> RunConfig:
     if "model" not in data:
         raise ConfigError("model: missing (the fusion config: backbones, shared_width, fusion, head)")
     data["model"] = expand_cache_paths(resolve_paths(data["model"], base))
+    if isinstance(data.get("data"), dict) and isinstance(data["data"].get("files"), dict):
+        from fusion_llm.paths import cache_dir
+
+        data["data"] = {**data["data"], "files": {
+            split: str(cache_dir() / f[len("cache:"):]) if isinstance(f, str) and f.startswith("cache:") else f
+            for split, f in data["data"]["files"].items()}}
     run = _from_dict(RunConfig, "run config", data)
     run.data = _from_dict(DataConfig, "data", run.data if run.data is not None else {})
     run.train = _from_dict(TrainConfig, "train", run.train if run.train is not None else {})

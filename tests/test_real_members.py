@@ -214,6 +214,8 @@ def test_converted_tokenizer_round_trips(tiny):
     assert tok.decode(tok.encode(other, add_special_tokens=False)) == other
     assert tok.eos_token == EOS and tok.convert_tokens_to_ids(EOS) == tokens.index(EOS)
     assert tok.encode(EOS, add_special_tokens=False) == [tokens.index(EOS)]  # kept whole: a control token
+    # every text starts with the BOS (the GGUF's tokenizer adds none; scoring and training must agree)
+    assert tok(text)["input_ids"] == [tok.bos_token_id, *ids]
 
 
 def test_convert_rejects_the_wrong_class_and_writes_nothing(tiny, tmp_path):
@@ -319,7 +321,8 @@ def test_provision_skips_a_finished_member(tmp_path, monkeypatch):
     assert rm.member_dir(name) == folder
     assert not rm.is_provisioned(name)
     folder.mkdir(parents=True)
-    (folder / "provenance.json").write_text(json.dumps({"gguf_sha256": REAL_MEMBERS[name].gguf_sha256}))
+    (folder / "provenance.json").write_text(json.dumps({"gguf_sha256": REAL_MEMBERS[name].gguf_sha256,
+                                                        "converter": rm.CONVERTER_VERSION}))
     assert rm.is_provisioned(name)
     assert rm.provision([name], log=lambda line: None) == {name: folder}
 
@@ -337,13 +340,16 @@ def test_provision_redoes_a_stale_or_broken_member(tmp_path, monkeypatch):
     name = "gemma3-270m"
     folder = tmp_path / "real" / name
     folder.mkdir(parents=True)
-    for text in (json.dumps({"gguf_sha256": "0" * 64}), "{truncated"):  # another GGUF's conversion; a torn file
+    older = json.dumps({"gguf_sha256": REAL_MEMBERS[name].gguf_sha256, "converter": rm.CONVERTER_VERSION - 1})
+    # another GGUF's conversion; an older converter's; a torn file; JSON that is not an object
+    for text in (json.dumps({"gguf_sha256": "0" * 64}), older, "{truncated", "[]"):
         (folder / "provenance.json").write_text(text)
         assert not rm.is_provisioned(name)
         with pytest.raises(Downloaded):
             rm.provision([name], log=lambda line: None)
     # a finished member is redone when forced
-    (folder / "provenance.json").write_text(json.dumps({"gguf_sha256": REAL_MEMBERS[name].gguf_sha256}))
+    (folder / "provenance.json").write_text(json.dumps({"gguf_sha256": REAL_MEMBERS[name].gguf_sha256,
+                                                        "converter": rm.CONVERTER_VERSION}))
     with pytest.raises(Downloaded):
         rm.provision([name], force=True, log=lambda line: None)
 
