@@ -195,6 +195,7 @@ def run_real(preset_name: str, out_dir: Path, fresh: bool = False) -> int:
     """The real-members track (``benchmarks/real_track.py``): two worker processes, one core each."""
     spec = importlib.util.spec_from_file_location("real_track", ROOT / "benchmarks" / "real_track.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["real_track"] = module  # its dataclasses and worker processes find it by name
     spec.loader.exec_module(module)
     if preset_name not in module.PRESETS:
         print(f"the real-members track has no preset {preset_name!r} (it has {', '.join(module.PRESETS)}): skipped")

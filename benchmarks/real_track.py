@@ -113,14 +113,17 @@ def sized_head(anchor: str, members: dict, preset: RealPreset, target: int) -> t
     from fusion_llm.budget import trainable_parameters
     from fusion_llm.runconfig import build_run_config
 
-    best = None
-    for width in range(8, 1025, 8):
-        model = {**HEAD, "shared_width": width}
-        run = build_run_config({"model": {"backbones": _backbone_dicts(anchor, members, preset), **model}})
-        count = trainable_parameters(run.fusion_config())
-        if best is None or abs(count - target) < abs(best[1] - target):
-            best = (model, count)
-    return best
+    def count(width: int) -> int:
+        run = build_run_config({"model": {"backbones": backbones, **HEAD, "shared_width": width}})
+        return trainable_parameters(run.fusion_config())
+
+    backbones = _backbone_dicts(anchor, members, preset)
+    low, high = 1, 2048  # the count grows with the width: bisect for the first width at or above the target
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (mid + 1, high) if count(mid) < target else (low, mid)
+    width = min((w for w in (low - 1, low) if w >= 1), key=lambda w: abs(count(w) - target))
+    return {**HEAD, "shared_width": width}, count(width)
 
 
 def _backbone_dicts(anchor: str, members: dict, preset: RealPreset) -> list[dict]:
