@@ -40,16 +40,23 @@ from lm_track import COLUMNS, DOMAINS, _entry, _key, _write_json_atomic  # noqa:
 # name -> (model folder, tap layers). Middle and last layer of each; the source runs to its deepest tap.
 MEMBERS = {"smol": ("cache:real/smollm2-135m", [15, -1]), "gemma": ("cache:real/gemma3-270m", [9, -1])}
 LABELS = {"smol": "SmolLM2-135M", "gemma": "Gemma-3-270M"}
+# The residual in the anchor's normalised units (head.residual_scale): the members' last hidden states have RMS
+# ~30 (SmolLM2) and ~1000 (Gemma-3), so a plain residual would move Gemma's logits by a thousandth as much.
 HEAD = {"adapter": {"kind": "linear", "layer_norm": True}, "fusion": {"method": "concat", "hidden": 256},
-        "head": {"kind": "lm", "source_tails": True}}
+        "head": {"kind": "lm", "source_tails": True, "residual_scale": "anchor_rms"}}
 LORA_RANK = 4  # the fusion head is sized to LoRA at this rank on the same member (within 5%)
 PROMPT = "To be, or not to be, that is"
 
 
 @dataclasses.dataclass(frozen=True)
 class RealPreset:
-    """Sizes of one run. ``head_lr`` / ``lora_lr``: the rates the stand-in LM track chose on validation
-    (no sweep on the real members: one training step costs 10-25 s on a CPU core here)."""
+    """Sizes of one run.
+
+    ``head_lr`` / ``lora_lr`` were chosen on validation rows (8 per domain, mixture bits/byte) by
+    ``python benchmarks/real_track.py --sweep`` at the quick preset's 24 steps with SmolLM2 as the anchor
+    (2026-12-02): fusion head 1e-3 -> 1.4790, 3e-3 -> 1.4665 (1e-2 diverged in an earlier run); LoRA 5e-4 ->
+    1.3993, 2e-3 -> 1.3034. Gemma-3 takes the same rates (its steps cost twice as much; not swept).
+    """
 
     name: str
     head_steps: int
@@ -59,8 +66,8 @@ class RealPreset:
     val_rows: int
     gen_tokens: int
     head_warmup: int = 2
-    head_lr: float = 1e-2
-    lora_lr: float = 5e-3
+    head_lr: float = 3e-3
+    lora_lr: float = 2e-3
     quantization: str = "nf4"
     pretrain_steps: int = 0  # fields lm_track's LoRA helper reads
     pretrain_batch: int = 0
@@ -376,7 +383,7 @@ def run_real_track(preset: str, out_dir: Path, *, members: dict | None = None, w
     return results
 
 
-def sweep(preset: str, out_dir: Path, *, member: str = "smol", head_lrs=(1e-3, 3e-3), lora_lrs=(5e-4, 2e-3),
+def sweep(preset: str, out_dir: Path, *, member: str = "smol", head_lrs=(3e-4, 1e-3, 3e-3), lora_lrs=(5e-4, 2e-3),
           val_rows: int = 8, workers: int = 2, log=print) -> dict:
     """Learning rates of the fusion head (``member`` as anchor) and of LoRA on ``member``, each scored by its
     mixture bits/byte on ``val_rows`` validation rows per domain (no test row is read: one test row per domain
@@ -397,13 +404,31 @@ def sweep(preset: str, out_dir: Path, *, member: str = "smol", head_lrs=(1e-3, 3
         rows = [{"kind": kind, "lr": lr, "validation_bits_per_byte": f.result()["validation_bits_per_byte"]}
                 for kind, lr, f in futures]
     chosen = {kind: min((r for r in rows if r["kind"] == kind), key=lambda r: r["validation_bits_per_byte"])["lr"]
-              for kind in ("head", "lora")}
+              for kind in ("head", "lora") if any(r["kind"] == kind for r in rows)}
     out = {"preset": preset, "member": member, "steps": p.head_steps, "val_rows": val_rows, "rows": rows,
            "chosen": chosen, "date": dt.datetime.now().isoformat(timespec="seconds")}
     _write_json_atomic(Path(out_dir) / "real_sweep.json", out)
     for r in rows:
         log(f"[sweep] {r['kind']} lr {r['lr']:g}: validation mixture {r['validation_bits_per_byte']:.4f} bits/byte")
     log(f"[sweep] chosen: {chosen}")
+    return out
+
+
+def ablation(preset: str, out_dir: Path, *, anchor: str = "smol", log=print) -> dict:
+    """Probe: the fused model's head trained over the anchor's own taps only (no other member), same width,
+    rows, steps and rate as the track's. Its gap to the track's fused entry is what the other member adds;
+    its gap to the member alone is what the head learns as an adapter. Writes ``real_ablation.json``."""
+    p = PRESETS[preset]
+    cache = Path(out_dir) / "cache" / "real"
+    target = LORA_RANK * _lora_per_rank(_resolve(MEMBERS[anchor][0]))
+    head, _ = sized_head(anchor, MEMBERS, p, target)
+    entry = task_fused(anchor, {anchor: MEMBERS[anchor]}, p, head, cache, 1)
+    out = {"preset": preset, "anchor": anchor, "head": head, "entry": entry,
+           "date": dt.datetime.now().isoformat(timespec="seconds")}
+    _write_json_atomic(Path(out_dir) / "real_ablation.json", out)
+    log(f"[ablation] head over {anchor}'s own taps only: " + ", ".join(
+        f"{d} {entry['bits_per_byte'][d]:.3f}" for d in COLUMNS)
+        + f"; validation {entry['validation_bits_per_byte']:.3f} ({entry['trainable_params']:,} parameters)")
     return out
 
 
@@ -414,12 +439,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="worker processes, one torch thread each")
     parser.add_argument("--sweep", action="store_true",
                         help="choose the head's and LoRA's learning rates on validation rows (SmolLM2 as anchor)")
+    parser.add_argument("--sweep-head-only", action="store_true", help="with --sweep: the head's rates only")
+    parser.add_argument("--ablation", action="store_true",
+                        help="probe: the head over SmolLM2's own taps only (what the other member adds)")
     args = parser.parse_args(argv)
     _quiet(1)
     out_dir = Path(args.out) if args.out else ROOT / "results" / "compare_merges" / args.preset
     try:
         if args.sweep:
-            sweep(args.preset, out_dir, workers=args.workers)
+            sweep(args.preset, out_dir, workers=args.workers, **({"lora_lrs": ()} if args.sweep_head_only else {}))
+        elif args.ablation:
+            ablation(args.preset, out_dir)
         else:
             run_real_track(args.preset, out_dir, workers=args.workers)
     except Exception as e:  # one line for what a user can fix (a missing member, no network)

@@ -212,6 +212,9 @@ class AdapterSpec:
             raise ConfigError(f"adapter.dropout: must be in [0, 1), got {self.dropout}")
 
 
+RESIDUAL_SCALES = ("none", "anchor_rms")
+
+
 @dataclass
 class HeadSpec:
     """What the fused features predict.
@@ -230,6 +233,11 @@ class HeadSpec:
             (`fusion_llm.vocab_bridge`), and mix the fused logits log-linearly: ``(1 + a_0) * anchor logits +
             sum_i a_i * log p_i``, with the weights ``a`` predicted per position by a zero-initialised layer
             (so an untrained head is still the anchor exactly). The sources then load with their LM heads.
+        residual_scale: (lm) units of the residual the head adds to the anchor's last (pre-norm) hidden state:
+            ``none`` adds it as is; ``anchor_rms`` multiplies it, per position, by that hidden state's RMS
+            (detached), so the head works in the units the anchor's final norm sees. Real models' last hidden
+            states are large (RMS ~30 for SmolLM2-135M, ~1000 for Gemma-3-270M) and a plain residual then moves
+            the logits by 1/RMS of what it would on a model whose states are O(1).
     """
 
     kind: str = "classification"
@@ -238,6 +246,7 @@ class HeadSpec:
     dropout: float = 0.0
     source_tails: bool = True
     source_predictions: bool = False
+    residual_scale: str = "none"
 
     def __post_init__(self):
         if self.kind not in HEAD_KINDS:
@@ -253,6 +262,8 @@ class HeadSpec:
                 raise ConfigError(f"head.{key}: expected true or false, got {getattr(self, key)!r}")
         if self.source_predictions and self.kind != "lm":
             raise ConfigError("head.source_predictions: only an LM head (head.kind: lm) mixes source predictions")
+        if self.residual_scale not in RESIDUAL_SCALES:
+            raise ConfigError(f"head.residual_scale: {self.residual_scale!r} is not one of {RESIDUAL_SCALES}")
 
 
 @strict(accept_kwargs=True)

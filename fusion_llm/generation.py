@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fusion_llm.alignment import align_source, causal_char_ends, prefix_tokens
-from fusion_llm.modeling import mix_predictions
+from fusion_llm.modeling import add_residual, mix_predictions
 
 
 @dataclass
@@ -266,7 +266,7 @@ def generate(model, prompts: list[str] | str, max_new_tokens: int = 32, do_sampl
             corrections, confidence = model.source_predictions(source_last, alignment, anchor_lp)
         head_out = head(features, confidence=confidence)
         residual = head_out.logits  # (n, 1, anchor hidden)
-        logits = anchor.lm_logits(last + residual.to(last.dtype))
+        logits = anchor.lm_logits(add_residual(last, residual.to(last.device), model.config.head))
         if sources.predictions:
             logits = mix_predictions(logits, head_out.mix, corrections)
         logits = logits[:, -1]  # (n, V)

@@ -132,6 +132,13 @@ AutoConfig.register(FusionConfig.model_type, FusionConfig)
 AutoModel.register(FusionConfig, FusionHead)
 
 
+def add_residual(last: torch.Tensor, residual: torch.Tensor, head: dict) -> torch.Tensor:
+    """The anchor's last hidden state plus the head's residual, scaled per ``head["residual_scale"]``."""
+    if head.get("residual_scale", "none") == "anchor_rms":
+        residual = residual * last.detach().float().pow(2).mean(-1, keepdim=True).sqrt().to(residual.device)
+    return last + residual.to(last.dtype)
+
+
 def mix_predictions(logits: torch.Tensor, mix: torch.Tensor, corrections: torch.Tensor) -> torch.Tensor:
     """Log-linear mix of the anchor and each source: ``(1 + mix_0) * logits + sum_i mix_i * log p_i``.
 
@@ -337,8 +344,7 @@ class FusionModel(nn.Module):
             corrections, confidence = self.source_predictions(source_last, alignment, anchor_lp)
         out = self.head(features, confidence=confidence)
         residual = out.logits  # (B, T, anchor hidden), zero at initialisation
-        hidden = anchor_last.to(device) + residual.to(anchor_last.dtype)
-        logits = anchor.lm_logits(hidden)
+        logits = anchor.lm_logits(add_residual(anchor_last.to(device), residual, self.config.head))
         if predictions:
             logits = mix_predictions(logits, out.mix, corrections)
         if labels is None:

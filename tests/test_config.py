@@ -72,6 +72,7 @@ def test_truncation_shrinks_the_plan():
     ({"backbones": [backbone()], "adapter": {"kind": "huge"}}, "adapter.kind"),
     ({"backbones": [backbone()], "head": {"kind": "lm"}}, "anchor"),
     ({"backbones": [backbone()], "head": {"num_labels": 1}}, "head.num_labels"),
+    ({"backbones": [backbone()], "head": {"residual_scale": "huge"}}, "head.residual_scale"),
     ({"backbones": [backbone()], "budget_limit": 0}, "budget_limit"),
     ({"backbones": [backbone()], "shared_widht": 64}, "unknown key"),
 ])

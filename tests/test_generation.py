@@ -12,14 +12,15 @@ from fusion_llm.generation import generate, text_and_offsets
 PROMPTS = ["The quick brown fox", "def add(a, b):\n    return", "Whan that Aprille with his shoures soote, the droghte"]
 
 
-def lm_config(paths, tails=True, predictions=False):
+def lm_config(paths, tails=True, predictions=False, residual_scale="none"):
     from fusion_llm.config import FusionConfig
 
     names = {"llama3": "llama", "mistral": "mistral", "gemma2": "gemma", "phi3": "phi"}
     backbones = [{"name": names[f], "model": paths[f], "tap_layers": [2, -1], "compute_dtype": "float32",
                       "anchor": (f == "mistral")} for f in ("mistral", "llama3", "gemma2", "phi3")]
     return FusionConfig(backbones=backbones, shared_width=64, fusion={"method": "concat", "hidden": 128},
-                        head={"kind": "lm", "source_tails": tails, "source_predictions": predictions})
+                        head={"kind": "lm", "source_tails": tails, "source_predictions": predictions,
+                              "residual_scale": residual_scale})
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -32,11 +33,11 @@ def lm_backbones(standin_paths):
     return FusionModel.load_backbones(lm_config(standin_paths, predictions=True))  # every source with its LM head
 
 
-def fused_model(standin_paths, lm_backbones, scale=None, tails=True, predictions=False):
+def fused_model(standin_paths, lm_backbones, scale=None, tails=True, predictions=False, residual_scale="none"):
     """A fused LM over the stand-ins; ``scale`` randomises the head so the sources change the logits."""
     from fusion_llm.modeling import FusionModel
 
-    model = FusionModel(lm_config(standin_paths, tails, predictions), lm_backbones)
+    model = FusionModel(lm_config(standin_paths, tails, predictions, residual_scale), lm_backbones)
     if scale is not None:
         torch.manual_seed(0)
         with torch.no_grad():
@@ -72,10 +73,13 @@ def full_forward_argmax(model, prompt: str, new_ids: list[int]) -> int:
     return int(logits[0, -1].argmax())
 
 
-@pytest.mark.parametrize("tails,predictions", [(True, False), (False, False), (True, True)],
-                         ids=["source_tails", "settled_only", "source_predictions"])
-def test_greedy_equals_stepwise_argmax_of_the_full_fused_forward(standin_paths, lm_backbones, tails, predictions):
-    model = fused_model(standin_paths, lm_backbones, scale=0.3, tails=tails, predictions=predictions)
+@pytest.mark.parametrize("tails,predictions,residual_scale",
+                         [(True, False, "none"), (False, False, "anchor_rms"), (True, True, "none")],
+                         ids=["source_tails", "settled_only_rms_residual", "source_predictions"])
+def test_greedy_equals_stepwise_argmax_of_the_full_fused_forward(standin_paths, lm_backbones, tails, predictions,
+                                                                  residual_scale):
+    model = fused_model(standin_paths, lm_backbones, scale=0.3, tails=tails, predictions=predictions,
+                        residual_scale=residual_scale)
     out = generate(model, PROMPTS, max_new_tokens=6, stop_tokens=[])
     assert out.sequences.shape == (len(PROMPTS), out.sequences.shape[1])
     for prompt, new_ids in zip(PROMPTS, out.new_tokens):

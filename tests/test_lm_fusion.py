@@ -150,15 +150,17 @@ def test_with_tails_a_source_sees_exactly_the_anchors_prefix(lm_model):
         assert lagging > len(ends) // 4, (name, lagging)  # the tails matter: often the settled token lags
 
 
-@pytest.mark.parametrize("predictions", [False, True], ids=["hidden_states", "source_predictions"])
-def test_untrained_fused_model_is_the_anchor_exactly(lm_model, standin_paths, predictions):
+@pytest.mark.parametrize("predictions,residual_scale", [(False, "none"), (True, "none"), (False, "anchor_rms")],
+                         ids=["hidden_states", "source_predictions", "rms_residual"])
+def test_untrained_fused_model_is_the_anchor_exactly(lm_model, standin_paths, predictions, residual_scale):
     from transformers import AutoModelForCausalLM
 
     from fusion_llm.backbones import quantization_config
 
     config = FusionConfig(**{**lm_model.config.to_dict(), "fingerprints": None})
     fresh = FusionModel(FusionConfig(backbones=config.backbones, shared_width=64,
-                                     head={"kind": "lm", "source_predictions": predictions},
+                                     head={"kind": "lm", "source_predictions": predictions,
+                                           "residual_scale": residual_scale},
                                      fusion={"method": "gated"}), lm_model.backbones)
     _, (inputs, alignment) = encode(fresh, ["Hello world, 1234 cats!", "def f(x):\n    return x  # 中文 😀"])
     fused = fresh.lm_forward(inputs, alignment).logits
@@ -222,3 +224,23 @@ def test_nothing_vector_is_used_before_any_source_token_settles(lm_model):
         assert al["phi_align"][0][0] == -1
     al, _ = encode(lm_model, ["Hello world, again"], tails=False)
     assert np.all(np.diff(al["llama_align"][0]) >= 0)
+
+
+def test_rms_scaled_residual_moves_the_logits_alike_at_any_hidden_scale(lm_model):
+    """``head.residual_scale: anchor_rms``: the residual is in the units the anchor's final norm sees, so the same
+    head output changes the logits the same way whether the anchor's hidden states are O(1) or O(1000) (real
+    models: ~30 for SmolLM2-135M, ~1000 for Gemma-3-270M); a plain residual is drowned at the large scale."""
+    from fusion_llm.modeling import add_residual
+
+    anchor = lm_model.anchor
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 5, anchor.hidden_size)
+    residual = 0.5 * torch.randn(2, 5, anchor.hidden_size)
+    with torch.no_grad():
+        base = anchor.lm_logits(hidden)
+        for scale, expect_same in (("anchor_rms", True), ("none", False)):
+            small = anchor.lm_logits(add_residual(hidden, residual, {"residual_scale": scale}))
+            large = anchor.lm_logits(add_residual(1000 * hidden, residual, {"residual_scale": scale}))
+            assert (small - base).abs().max() > 0.1  # the residual matters at the O(1) scale
+            assert torch.allclose(small, large, atol=1e-3) == expect_same, scale
+        assert torch.equal(add_residual(hidden, torch.zeros_like(hidden), {"residual_scale": "anchor_rms"}), hidden)
