@@ -54,8 +54,10 @@ class RealPreset:
 
     ``head_lr`` / ``lora_lr`` were chosen on validation rows (8 per domain, mixture bits/byte) by
     ``python benchmarks/real_track.py --sweep`` at the quick preset's 24 steps with SmolLM2 as the anchor
-    (2026-12-02): fusion head 1e-3 -> 1.4790, 3e-3 -> 1.4665 (1e-2 diverged in an earlier run); LoRA 5e-4 ->
-    1.3993, 2e-3 -> 1.3034. Gemma-3 takes the same rates (its steps cost twice as much; not swept).
+    (2026-12-02): fusion head (``residual_scale: anchor_rms``) 3e-4 -> 1.4722, 1e-3 -> 1.4348, 3e-3 -> 1.4521;
+    LoRA 5e-4 -> 1.3993, 2e-3 -> 1.3034. (With a plain residual the head reached 1.4790 at 1e-3 and 1.4665 at
+    3e-3, and diverged at 1e-2.) Gemma-3 takes the same rates (its steps cost twice as much; not swept; with
+    the RMS-scaled residual both anchors' heads work in the same normalised units).
     """
 
     name: str
@@ -66,7 +68,7 @@ class RealPreset:
     val_rows: int
     gen_tokens: int
     head_warmup: int = 2
-    head_lr: float = 3e-3
+    head_lr: float = 1e-3
     lora_lr: float = 2e-3
     quantization: str = "nf4"
     pretrain_steps: int = 0  # fields lm_track's LoRA helper reads
