@@ -568,21 +568,28 @@ def plot(results: dict, out_dir: Path) -> list[str]:
     return written
 
 
-def write_results(results: dict, out_dir: Path) -> dict[str, Path]:
-    """lm_results.json, lm_results.md, the plots, and the ``lm_track`` entry of results.json."""
+def write_track_files(results: dict, out_dir: Path, stem: str, key: str, table: str) -> None:
+    """``<stem>.json``, ``<stem>.md`` and the ``key`` entry of the shared results.json (other entries kept),
+    each written atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    results["plots"] = plot(results, out_dir)
-    _write_json_atomic(out_dir / "lm_results.json", results)
+    _write_json_atomic(out_dir / f"{stem}.json", results)
     shared = out_dir / "results.json"
     try:
         combined = json.loads(shared.read_text()) if shared.is_file() else {}
     except json.JSONDecodeError:
         combined = {}
-    combined["lm_track"] = results
+    combined[key] = results
     _write_json_atomic(shared, combined)
-    tmp = out_dir / ".lm_results.md.tmp"
-    tmp.write_text(render_table(results))
-    os.replace(tmp, out_dir / "lm_results.md")
+    tmp = out_dir / f".{stem}.md.tmp"
+    tmp.write_text(table)
+    os.replace(tmp, out_dir / f"{stem}.md")
+
+
+def write_results(results: dict, out_dir: Path) -> dict[str, Path]:
+    """lm_results.json, lm_results.md, the plots, and the ``lm_track`` entry of results.json."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results["plots"] = plot(results, out_dir)
+    write_track_files(results, out_dir, "lm_results", "lm_track", render_table(results))
     return {"json": out_dir / "lm_results.json", "md": out_dir / "lm_results.md",
             **{p: out_dir / p for p in results["plots"]}}
 

