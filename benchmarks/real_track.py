@@ -45,7 +45,14 @@ LABELS = {"smol": "SmolLM2-135M", "gemma": "Gemma-3-270M"}
 # ~30 (SmolLM2) and ~1000 (Gemma-3), so a plain residual would move Gemma's logits by a thousandth as much.
 HEAD = {"adapter": {"kind": "linear", "layer_norm": True}, "fusion": {"method": "concat", "hidden": 256},
         "head": {"kind": "lm", "source_tails": True, "residual_scale": "anchor_rms"}}
-LORA_RANK = 4  # the fusion head is sized to LoRA at this rank on the same member (within 5%)
+# Member adapters (`fusion_llm.member_lora`): LoRA inside both frozen members, owned by the fused model, the anchor
+# trained by the fused loss and the source also by its own next-token loss (head.source_lm_loss); the source's
+# predictions are mixed onto the anchor's vocabulary (head.source_predictions). Ranks per anchor: the anchor
+# keeps half the control's rank, the source gets about as many parameters; the head fills the rest of the count.
+DEEP = {**HEAD, "head": {**HEAD["head"], "source_predictions": True, "source_lm_loss": True}}
+RANKS = {"smol": {"smol": 2, "gemma": 2}, "gemma": {"gemma": 2, "smol": 1}}
+VARIANTS = {"late": (HEAD, None, ""), "deep": (DEEP, RANKS, " with member adapters")}
+LORA_RANK = 4  # the fused model is sized to LoRA at this rank on the same member (within 5%)
 PROMPT = "To be, or not to be, that is"
 
 
@@ -76,9 +83,11 @@ class RealPreset:
     pretrain_batch: int = 0
     pretrain_seq: int = 0
     gen_prompts: int = 1
+    variants: tuple = ("deep",)  # fused variants (VARIANTS) trained with each anchor
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields one stage's training reads (its cache recipe): which variants run is not one of them."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "variants"}
 
 
 PRESETS = {
@@ -87,7 +96,7 @@ PRESETS = {
     "quick": RealPreset("quick", head_steps=24, head_batch=8, head_seq=64, eval_rows=12, val_rows=4,
                         gen_tokens=24),
     "full": RealPreset("full", head_steps=200, head_batch=8, head_seq=128, eval_rows=48, val_rows=16, gen_tokens=48,
-                       head_warmup=10),
+                       head_warmup=10, variants=("late", "deep")),
 }
 
 
@@ -118,28 +127,31 @@ def _lora_per_rank(model_dir: Path) -> int:
     return lm_track.lora_rank(model, 1)[1]
 
 
-def sized_head(anchor: str, members: dict, preset: RealPreset, target: int) -> tuple[dict, int]:
-    """The fusion head (``HEAD`` with its shared width chosen) whose parameter count is closest to ``target``."""
+def sized_head(anchor: str, members: dict, preset: RealPreset, target: int, head: dict = HEAD,
+               ranks: dict | None = None) -> tuple[dict, int]:
+    """The fusion head (``head`` with its shared width chosen; member adapters of ``ranks``) whose trainable
+    parameter count is closest to ``target``."""
     from fusion_llm.budget import trainable_parameters
     from fusion_llm.runconfig import build_run_config
 
     @functools.lru_cache(maxsize=None)
     def count(width: int) -> int:
-        run = build_run_config({"model": {"backbones": backbones, **HEAD, "shared_width": width}})
+        run = build_run_config({"model": {"backbones": backbones, **head, "shared_width": width}})
         return trainable_parameters(run.fusion_config())
 
-    backbones = _backbone_dicts(anchor, members, preset)
+    backbones = _backbone_dicts(anchor, members, preset, ranks)
     low, high = 1, 2048  # the count grows with the width: bisect for the first width at or above the target
     while low < high:
         mid = (low + high) // 2
         low, high = (mid + 1, high) if count(mid) < target else (low, mid)
     width = min((w for w in (low - 1, low) if w >= 1), key=lambda w: abs(count(w) - target))
-    return {**HEAD, "shared_width": width}, count(width)
+    return {**head, "shared_width": width}, count(width)
 
 
-def _backbone_dicts(anchor: str, members: dict, preset: RealPreset) -> list[dict]:
-    return [{k: v for k, v in dataclasses.asdict(_spec(n, members, preset, n == anchor)).items()
-             if k not in ("num_hidden_layers", "hidden_size", "max_position_embeddings")} for n in members]
+def _backbone_dicts(anchor: str, members: dict, preset: RealPreset, ranks: dict | None = None) -> list[dict]:
+    skip = ("num_hidden_layers", "hidden_size", "max_position_embeddings", "lora_modules")
+    return [{**{k: v for k, v in dataclasses.asdict(_spec(n, members, preset, n == anchor)).items() if k not in skip},
+             "lora_rank": (ranks or {}).get(n, 0)} for n in members]
 
 
 # ---- worker tasks (each in its own process, one torch thread) ------------------------------------------
@@ -202,8 +214,10 @@ def task_lora(name: str, members: dict, preset: RealPreset, target: int, cache: 
                   validation_bits_per_byte=sum(val.values(), start=type(val[DOMAINS[0]])()).bits_per_byte)
 
 
-def task_fused(anchor: str, members: dict, preset: RealPreset, head: dict, cache: Path, threads: int) -> dict:
-    """The fused model with ``anchor``'s vocabulary: trained by `fusion_llm.training.train`, then scored."""
+def task_fused(anchor: str, members: dict, preset: RealPreset, head: dict, cache: Path, threads: int,
+               ranks: dict | None = None, label: str = "") -> dict:
+    """The fused model with ``anchor``'s vocabulary (member adapters of ``ranks``): trained by
+    `fusion_llm.training.train`, then scored."""
     _quiet(threads)
     from fusion_llm.data.corpora import corpus_files
     from fusion_llm.generation import generate
@@ -212,7 +226,7 @@ def task_fused(anchor: str, members: dict, preset: RealPreset, head: dict, cache
     from fusion_llm.runconfig import build_run_config
     from fusion_llm.training import train
 
-    recipe = {"preset": preset.to_dict(), "anchor": anchor, "head": head,
+    recipe = {"preset": preset.to_dict(), "anchor": anchor, "head": head, **({"ranks": ranks} if ranks else {}),
               "members": {n: [_provenance(_resolve(m)), taps] for n, (m, taps) in members.items()}}
     stage = cache / _key("real-fused", recipe)
     summary_path = stage / "run_summary.json"
@@ -220,11 +234,12 @@ def task_fused(anchor: str, members: dict, preset: RealPreset, head: dict, cache
         shutil.rmtree(stage, ignore_errors=True)
         files = corpus_files("mixture")
         run = build_run_config({
-            "model": {"backbones": _backbone_dicts(anchor, members, preset), **head},
+            "model": {"backbones": _backbone_dicts(anchor, members, preset, ranks), **head},
             "data": {"files": {"train": files["train"], "validation": files["validation"]},
                      "max_length": preset.head_seq, "max_train_examples": preset.head_steps * preset.head_batch,
                      "max_eval_examples": 8},
-            "train": {"lr": preset.head_lr, "batch_size": preset.head_batch, "max_steps": preset.head_steps,
+            "train": {"lr": preset.head_lr, "member_lr": preset.lora_lr, "batch_size": preset.head_batch,
+                      "max_steps": preset.head_steps,
                       "warmup_steps": preset.head_warmup, "eval_every": preset.head_steps,
                       "checkpoint_every": preset.head_steps, "seed": 0},
             "output_dir": str(stage), "tracker": "jsonl"})
@@ -234,11 +249,18 @@ def task_fused(anchor: str, members: dict, preset: RealPreset, head: dict, cache
     test = {d: score_fused(model, t) for d, t in _texts("test", preset.eval_rows).items()}
     val = [score_fused(model, t) for t in _texts("validation", preset.val_rows).values()]
     sample = generate(model, [PROMPT], max_new_tokens=preset.gen_tokens, stop_tokens=[]).texts[0]
-    return _entry(f"fused, {LABELS.get(anchor, anchor)} anchor", "fused", test, vocabulary=anchor,
+    return _entry(f"fused{label}, {LABELS.get(anchor, anchor)} anchor", "fused", test, vocabulary=anchor,
                   trainable_params=sum(p.numel() for p in model.head.parameters()), anchor=anchor,
-                  fusion_model=head, validation_bits_per_byte=sum(val, start=type(val[0])()).bits_per_byte,
+                  fusion_model=head, member_ranks=ranks or {}, validation_bits_per_byte=sum(val, start=type(val[0])()).bits_per_byte,
                   train_seconds=summary.get("train_seconds"), sample=sample,
                   train_summary={k: summary.get(k) for k in ("steps", "final", "anchor_eval")})
+
+
+def _fused_kwargs(kind: str, name: str, heads: dict) -> dict:
+    if not kind.startswith("fused-"):
+        return {}
+    _, _, ranks, label = heads[(kind[len("fused-"):], name)]
+    return {"ranks": ranks, "label": label}
 
 
 def _provenance(folder: Path) -> str:
@@ -322,14 +344,20 @@ def run_real_track(preset: str, out_dir: Path, *, members: dict | None = None, w
         seconds["provisioning (cached once converted)"] = round(time.perf_counter() - started, 1)
     lm_track.ensure_corpora(log)
 
-    heads = {}
+    heads, targets = {}, {}
     for name in members:
-        target = LORA_RANK * _lora_per_rank(_resolve(members[name][0]))
-        heads[name] = sized_head(name, members, p, target)
-        log(f"[real] {name} anchor: head shared_width {heads[name][0]['shared_width']}, {heads[name][1]:,} "
-            f"parameters (LoRA r={LORA_RANK}: {target:,})")
-    jobs = [("fused", n, (task_fused, n, members, p, heads[n][0], cache)) for n in members]
-    jobs += [("lora", n, (task_lora, n, members, p, heads[n][1], cache)) for n in members]
+        targets[name] = LORA_RANK * _lora_per_rank(_resolve(members[name][0]))
+        for variant in p.variants:
+            head, ranks, label = VARIANTS[variant]
+            if ranks is not None:  # other members than the real pair: half the control's rank, 1 for sources
+                ranks = ranks.get(name) or {n: (LORA_RANK // 2 if n == name else 1) for n in members}
+            heads[(variant, name)] = (*sized_head(name, members, p, targets[name], head, ranks), ranks, label)
+            log(f"[real] {name} anchor, {variant}: shared_width {heads[(variant, name)][0]['shared_width']}, member "
+                f"adapters {ranks or 'none'}, {heads[(variant, name)][1]:,} parameters (LoRA r={LORA_RANK}: "
+                f"{targets[name]:,})")
+    jobs = [(f"fused-{v}", n, (task_fused, n, members, p, heads[(v, n)][0], cache))
+            for v in p.variants for n in members]
+    jobs += [("lora", n, (task_lora, n, members, p, targets[n], cache)) for n in members]
     jobs += [("alone", n, (task_alone, n, members, p)) for n in members]
     results_by_job = {}
     started = time.perf_counter()
@@ -337,23 +365,24 @@ def run_real_track(preset: str, out_dir: Path, *, members: dict | None = None, w
         import multiprocessing
 
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {(kind, n): pool.submit(fn, *args, 1) for kind, n, (fn, *args) in jobs}
+            futures = {(kind, n): pool.submit(fn, *args, 1, **_fused_kwargs(kind, n, heads))
+                       for kind, n, (fn, *args) in jobs}
             for key, future in futures.items():
                 results_by_job[key] = future.result()
                 log(f"[real] {key[0]} {key[1]} done ({time.perf_counter() - started:.0f}s)")
     else:
         for kind, n, (fn, *args) in jobs:
-            results_by_job[(kind, n)] = fn(*args, torch.get_num_threads())
+            results_by_job[(kind, n)] = fn(*args, torch.get_num_threads(), **_fused_kwargs(kind, n, heads))
     seconds["members, LoRA and fused (worker processes)"] = round(time.perf_counter() - started, 1)
 
     entries = ([results_by_job[("alone", n)] for n in members] + [results_by_job[("lora", n)] for n in members]
-               + [results_by_job[("fused", n)] for n in members])
+               + [results_by_job[(f"fused-{v}", n)] for v in p.variants for n in members])
     fused = [e for e in entries if e["group"] == "fused"]
     min(fused, key=lambda e: e["validation_bits_per_byte"])["headline"] = True
     for e in entries:
         if e["group"] == "lora":
-            head_params = results_by_job[("fused", e["member"])]["trainable_params"]
-            e["params_vs_head"] = e["trainable_params"] / head_params - 1
+            head_params = [results_by_job[(f"fused-{v}", e["member"])]["trainable_params"] for v in p.variants]
+            e["params_vs_head"] = max((e["trainable_params"] / h - 1 for h in head_params), key=abs)
     results = {
         "preset": p.name, "track": "real", "date": dt.datetime.now().isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch "

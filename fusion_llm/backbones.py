@@ -116,6 +116,7 @@ class FrozenBackbone:
     final_norm: torch.nn.Module | None = None
     lm_head: torch.nn.Module | None = None
     logit_softcap: float | None = None
+    trainable: bool = False  # member adapters (fusion_llm.member_lora) are wired into its layers
     _warned_truncation: bool = field(default=False, repr=False)
 
     @property
@@ -146,7 +147,6 @@ class FrozenBackbone:
             self._warned_truncation = True
         return enc
 
-    @torch.no_grad()
     def taps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
              layers: list[int] | None = None, position_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Run the (truncated) backbone and return its tapped hidden states.
@@ -160,7 +160,12 @@ class FrozenBackbone:
 
         Returns:
             One tensor (B, L, hidden_size) per requested layer (default: ``spec.tap_layers``), in order.
+            Without grad, unless the backbone carries member adapters and grad is enabled.
         """
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            return self._taps(input_ids, attention_mask, layers, position_ids)
+
+    def _taps(self, input_ids, attention_mask, layers, position_ids) -> list[torch.Tensor]:
         taps = self.spec.resolved_taps() if layers is None else list(layers)
         device = self.device
         if attention_mask is not None and attention_mask.dim() == 4:

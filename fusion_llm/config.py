@@ -71,6 +71,12 @@ class BackboneSpec:
         config_path: a local ``config.json`` describing the model, used by the budget plan and
             validation when ``model`` is a hub id that is not available locally.
         max_length: longest token sequence fed to this backbone (defaults to the model's maximum).
+        lora_rank: member adapters (LM heads only): LoRA of this rank on every Linear of the backbone's loaded
+            decoder layers, trained with the head and saved with it (`fusion_llm.member_lora`); the backbone's
+            own weights stay frozen and bit-identical, gradients flow through them as in QLoRA. 0 = none.
+        lora_alpha: LoRA scale numerator (the update is ``B @ A * lora_alpha / lora_rank``); default
+            ``2 * lora_rank``, the LoRA recipe of the benchmarks' control.
+        lora_modules: filled in when the head is built: ``{module path: [in_features, out_features]}``.
         num_hidden_layers, hidden_size, max_position_embeddings: filled from the model's config
             when it can be read; used to validate taps and to build the head without the backbone.
     """
@@ -85,6 +91,9 @@ class BackboneSpec:
     anchor: bool = False
     config_path: str | None = None
     max_length: int | None = None
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_modules: dict | None = None
     num_hidden_layers: int | None = None
     hidden_size: int | None = None
     max_position_embeddings: int | None = None
@@ -106,6 +115,12 @@ class BackboneSpec:
             raise ConfigError(f"{where}.compute_dtype: {self.compute_dtype!r} is not one of {COMPUTE_DTYPES}")
         if self.max_length is not None and self.max_length <= 0:
             raise ConfigError(f"{where}.max_length: must be positive, got {self.max_length}")
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ConfigError(f"{where}.lora_rank: expected a whole number >= 0 (0 = no member adapters), "
+                              f"got {self.lora_rank!r}")
+        if self.lora_alpha is not None and (isinstance(self.lora_alpha, bool)
+                                            or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0):
+            raise ConfigError(f"{where}.lora_alpha: expected a positive number, got {self.lora_alpha!r}")
         if self.num_hidden_layers is None:
             self.resolve_model_config()
         if self.num_hidden_layers is not None:
@@ -238,6 +253,10 @@ class HeadSpec:
             (detached), so the head works in the units the anchor's final norm sees. Real models' last hidden
             states are large (RMS ~30 for SmolLM2-135M, ~1000 for Gemma-3-270M) and a plain residual then moves
             the logits by 1/RMS of what it would on a model whose states are O(1).
+        source_lm_loss: (lm, with ``source_predictions``) train each source that has member adapters
+            (``backbones[].lora_rank``) on its own next-token loss over its own tokens of the same rows, added
+            to the fused loss: the source's predictions then adapt to the data as the anchor does (the fused
+            loss reaches a source's adapters through its taps only; its predictions are mixed as constants).
     """
 
     kind: str = "classification"
@@ -247,6 +266,7 @@ class HeadSpec:
     source_tails: bool = True
     source_predictions: bool = False
     residual_scale: str = "none"
+    source_lm_loss: bool = False
 
     def __post_init__(self):
         if self.kind not in HEAD_KINDS:
@@ -257,13 +277,15 @@ class HeadSpec:
             raise ConfigError(f"head.pooling: {self.pooling!r} is not one of {POOLINGS}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"head.dropout: must be in [0, 1), got {self.dropout}")
-        for key in ("source_tails", "source_predictions"):
+        for key in ("source_tails", "source_predictions", "source_lm_loss"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"head.{key}: expected true or false, got {getattr(self, key)!r}")
         if self.source_predictions and self.kind != "lm":
             raise ConfigError("head.source_predictions: only an LM head (head.kind: lm) mixes source predictions")
         if self.residual_scale not in RESIDUAL_SCALES:
             raise ConfigError(f"head.residual_scale: {self.residual_scale!r} is not one of {RESIDUAL_SCALES}")
+        if self.source_lm_loss and not self.source_predictions:
+            raise ConfigError("head.source_lm_loss: needs head.source_predictions: true (the sources' LM heads)")
 
 
 @strict(accept_kwargs=True)
@@ -320,6 +342,13 @@ class FusionConfig(PreTrainedConfig):
                 raise ConfigError(f"backbones: only one anchor allowed, got {anchors}")
             if self.head["kind"] == "lm" and not anchors:
                 raise ConfigError("backbones: head.kind 'lm' needs one backbone with anchor: true")
+            adapted = [b["name"] for b in self.backbones if b["lora_rank"]]
+            if adapted and self.head["kind"] != "lm":
+                raise ConfigError(f"backbones {adapted}: lora_rank (member adapters) needs an LM head "
+                                  "(head.kind: lm); set lora_rank: 0")
+            if self.head["source_lm_loss"] and not any(b["lora_rank"] for b in self.backbones if not b["anchor"]):
+                raise ConfigError("head.source_lm_loss: no source has member adapters; give a source "
+                                  "backbones[].lora_rank > 0 or set source_lm_loss: false")
 
     # Typed views of the stored dicts (the dicts are what config.json holds).
     @property

@@ -27,6 +27,7 @@ class FusionOutput(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     mix: torch.Tensor | None = None  # (B, T, 1 + sources): LM weights of the anchor and each source's predictions
+    member_loss: torch.Tensor | None = None  # head.source_lm_loss: the adapted sources' own next-token losses, summed
 
 
 def tap_key(name: str, layer: int) -> str:
@@ -73,6 +74,15 @@ class FusionHead(PreTrainedModel):
             if head.source_predictions:
                 sources = len(specs) - 1
                 self.mixer = PredictionMixer(width + 2 * sources + 1, 1 + sources)
+        adapted = [s for s in specs if s.lora_rank]
+        if adapted:  # member adapters (fusion_llm.member_lora): LoRA inside a backbone, owned by the head
+            from fusion_llm.member_lora import MemberLoRA, lora_modules
+
+            for s in adapted:
+                if not s.lora_modules:
+                    s.lora_modules = lora_modules(s, with_lm_head=s.anchor or head.source_predictions)
+                    config.set_backbone_fields(s.name, lora_modules=s.lora_modules)
+            self.members = nn.ModuleDict({s.name: MemberLoRA(s) for s in adapted})
         self.post_init()
         if head.kind == "lm":
             self.residual.zero_init()  # post_init may have re-initialised it
@@ -132,6 +142,24 @@ AutoConfig.register(FusionConfig.model_type, FusionConfig)
 AutoModel.register(FusionConfig, FusionHead)
 
 
+def own_token_loss(backbone: FrozenBackbone, last: torch.Tensor, src: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A source's own next-token loss (``head.source_lm_loss``) over its settled full-text tokens.
+
+    Args:
+        last: (B, P, H) its last-layer hidden states (with grad through its member adapters).
+        src: its inputs; with packed tails (``tail_group``) only the settled tokens, which come first, count.
+    """
+    ids = src["input_ids"].to(last.device)
+    mask = src.get("attention_mask")
+    settled = mask.to(last.device).bool() if mask is not None and mask.dim() == 2 else torch.ones_like(ids).bool()
+    if "tail_group" in src:
+        settled = settled & (src["tail_group"].to(last.device) == -1)
+    n = int(settled.sum(1).max())
+    labels = ids[:, 1:n].masked_fill(~(settled[:, 1:n] & settled[:, :n - 1]), -100)
+    logits = backbone.lm_logits(last[:, :n - 1])
+    return nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
 def add_residual(last: torch.Tensor, residual: torch.Tensor, head: dict) -> torch.Tensor:
     """The anchor's last hidden state plus the head's residual, scaled per ``head["residual_scale"]``."""
     if head.get("residual_scale", "none") == "anchor_rms":
@@ -176,6 +204,14 @@ class FusionModel(nn.Module):
         self.config = config
         self._backbones = {n: backbones[n] for n in names}  # a plain dict: not submodules
         self.head = head if head is not None else FusionHead(config)
+        from fusion_llm.member_lora import detach
+
+        members = getattr(self.head, "members", {})
+        for name, backbone in self._backbones.items():
+            if name in members:
+                members[name].attach(backbone)  # the head's LoRA weights inside that backbone's layers
+            else:
+                detach(backbone)  # adapters an earlier head wired in stay off
 
     @staticmethod
     def _check_fingerprint(config: FusionConfig, backbone: FrozenBackbone) -> None:
@@ -323,7 +359,7 @@ class FusionModel(nn.Module):
                                                 layers=anchor.spec.resolved_taps() + [last])
         features = {anchor.name: [t.to(device) for t in anchor_taps]}
         predictions = self.config.head.get("source_predictions", False)
-        source_last = {}
+        source_last, member_losses = {}, []
         for name, backbone in self._backbones.items():
             if name == anchor.name:
                 continue
@@ -336,6 +372,8 @@ class FusionModel(nn.Module):
                 taps = backbone.taps(src["input_ids"], src["attention_mask"], layers=layers)
             if predictions:
                 source_last[name] = taps.pop()
+                if self.config.head.get("source_lm_loss") and backbone.trainable:
+                    member_losses.append(own_token_loss(backbone, source_last[name], src))
             features[name] = self.head.align(name, [t.to(device) for t in taps], alignment[name].to(device))
         confidence = corrections = None
         if predictions:
@@ -353,7 +391,8 @@ class FusionModel(nn.Module):
             labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
         loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.to(logits.device).flatten(),
                                            ignore_index=-100)
-        return FusionOutput(loss=loss, logits=logits)
+        member_loss = torch.stack([m.to(loss.device) for m in member_losses]).sum() if member_losses else None
+        return FusionOutput(loss=loss, logits=logits, member_loss=member_loss)
 
     @torch.no_grad()
     def source_predictions(self, source_last: dict[str, torch.Tensor], alignment: dict[str, torch.Tensor],

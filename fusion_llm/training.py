@@ -233,7 +233,12 @@ def train(run: RunConfig, *, resume: bool = False, cache_features: bool | None =
     max_steps = tcfg.max_steps or math.ceil(tcfg.epochs * updates_per_epoch)
 
     # The fused AdamW kernel (CPU and CUDA) takes the head's many small tensors in one pass: ~4x faster steps.
-    optimizer = torch.optim.AdamW(model.head.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, fused=True)
+    members = getattr(model.head, "members", None)
+    member_params = {id(p) for p in members.parameters()} if members is not None else set()
+    groups = [{"params": [p for p in model.head.parameters() if id(p) not in member_params]}]
+    if member_params:  # member adapters (backbones[].lora_rank) may take their own rate
+        groups.append({"params": list(members.parameters()), "lr": tcfg.member_lr or tcfg.lr})
+    optimizer = torch.optim.AdamW(groups, lr=tcfg.lr, weight_decay=tcfg.weight_decay, fused=True)
     schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[tcfg.schedule]
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=tcfg.warmup_steps, num_training_steps=max_steps)
     # Only the trainable head is prepared (wrapped in DDP when there are several processes).
@@ -272,7 +277,7 @@ def train(run: RunConfig, *, resume: bool = False, cache_features: bool | None =
         for batch in loader:
             with accelerator.accumulate(head):
                 out = _step_batch(model, batch)
-                loss = out.loss
+                loss = out.loss if out.member_loss is None else out.loss + out.member_loss
                 if not torch.isfinite(loss):
                     progress.close()
                     last = _checkpoints(output_dir)

@@ -1,0 +1,154 @@
+"""Member adapters (``backbones[].lora_rank``, `fusion_llm.member_lora`): LoRA inside frozen backbones, owned and
+saved by the fusion head. Untrained == the anchor exactly; gradients reach only the head; the backbones' weights
+stay bit-identical; save -> load gives identical logits; causal; greedy generation == the full forward's argmax."""
+
+import pytest
+import torch
+
+from fusion_llm.config import ConfigError, FusionConfig
+from fusion_llm.modeling import FusionModel
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+TEXTS = ["To be, or not to be, that is the question:", "def add(a, b):\n    return a + b\n"]
+
+
+def config(paths, anchor_rank=2, source_rank=1, lm_loss=True, quantization="none"):
+    backbones = [dict(name="mistral", model=paths["mistral"], tap_layers=[2, -1], anchor=True, lora_rank=anchor_rank),
+                 dict(name="llama", model=paths["llama3"], tap_layers=[2], lora_rank=source_rank)]
+    for b in backbones:
+        b.update(compute_dtype="float32", quantization=quantization)
+    return FusionConfig(backbones=backbones, shared_width=32, fusion={"method": "concat", "hidden": 64},
+                        head={"kind": "lm", "source_predictions": True, "source_lm_loss": lm_loss,
+                              "residual_scale": "anchor_rms"})
+
+
+@pytest.fixture(scope="module")
+def backbones(standin_paths):
+    return FusionModel.load_backbones(config(standin_paths))
+
+
+def randomise(model, scale=0.05):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.add_(torch.randn_like(p) * scale)
+
+
+def forward(model, texts=TEXTS):
+    from fusion_llm.alignment import align_batch
+    from fusion_llm.data.pipeline import LMCollator
+
+    sources = {n: b.tokenizer for n, b in model.backbones.items() if n != model.anchor.name}
+    rows = align_batch(texts, model.anchor.tokenizer, sources, tails=True)
+    collate = LMCollator(model.anchor.name, {n: b.tokenizer.pad_token_id or 0 for n, b in model.backbones.items()})
+    batch = collate([{k: v[i] for k, v in rows.items()} for i in range(len(texts))])
+    return model.lm_forward(batch["inputs"], batch["alignment"], batch["labels"]), batch
+
+
+def test_head_owns_the_adapters_and_counts_them(standin_paths, backbones):
+    from fusion_llm.budget import trainable_parameters
+
+    cfg = config(standin_paths)
+    model = FusionModel(cfg, backbones)
+    lora = {n: sum(p.numel() for p in m.parameters()) for n, m in model.head.members.items()}
+    for name, rank in (("mistral", 2), ("llama", 1)):
+        linears = [m for m in backbones[name].model.modules() if type(m).__name__ == "Linear" and hasattr(m, "lora_A")]
+        assert linears, name
+        assert lora[name] == rank * sum(m.in_features + m.out_features for m in linears)
+    assert trainable_parameters(config(standin_paths)) == sum(p.numel() for p in model.head.parameters())
+
+
+def test_untrained_adapters_leave_the_anchor_exactly(standin_paths, backbones):
+    model = FusionModel(config(standin_paths), backbones)
+    out, batch = forward(model)
+    enc = batch["inputs"]["mistral"]
+    with torch.no_grad():
+        anchor = backbones["mistral"]
+        hidden = anchor.taps(enc["input_ids"], enc["attention_mask"], layers=[anchor.spec.num_hidden_layers])[0]
+        assert torch.equal(out.logits, anchor.lm_logits(hidden))
+    assert out.member_loss is not None and torch.isfinite(out.member_loss)
+
+
+def test_training_moves_only_the_head_and_the_backbones_stay_bit_identical(standin_paths, backbones):
+    model = FusionModel(config(standin_paths), backbones)
+    frozen = {n: [p.detach().clone() for p in b.model.parameters() if not p.requires_grad]
+              for n, b in backbones.items()}
+    opt = torch.optim.AdamW(model.head.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(6):
+        out, _ = forward(model)
+        loss = out.loss + out.member_loss
+        opt.zero_grad()
+        loss.backward()
+        for name, member in model.head.members.items():  # both members' adapters get gradients
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in member.lora_B.parameters()), name
+        for b in backbones.values():
+            assert all(p.grad is None for p in b.model.parameters() if not p.requires_grad)
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for n, b in backbones.items():
+        now = [p for p in b.model.parameters() if not p.requires_grad]
+        assert len(now) == len(frozen[n]) and all(torch.equal(a, c) for a, c in zip(frozen[n], now)), n
+
+
+def test_save_load_identical_logits_and_a_head_without_adapters_switches_them_off(standin_paths, backbones, tmp_path):
+    model = FusionModel(config(standin_paths), backbones)
+    randomise(model)
+    before = forward(model)[0].logits
+    model.save_pretrained(tmp_path / "head")
+    loaded = FusionModel.from_pretrained(tmp_path / "head")  # fresh backbones from the saved config
+    assert torch.equal(forward(loaded)[0].logits, before)
+    assert loaded.config.backbones[0]["lora_modules"] == model.config.backbones[0]["lora_modules"]
+    plain = FusionModel(config(standin_paths, anchor_rank=0, source_rank=0, lm_loss=False), backbones)
+    anchor_only = FusionModel(config(standin_paths, anchor_rank=0, source_rank=0, lm_loss=False),
+                              FusionModel.load_backbones(config(standin_paths, 0, 0, False)))
+    assert torch.equal(forward(plain)[0].logits, forward(anchor_only)[0].logits)
+
+
+def test_causal_adapted_logits_at_t_do_not_see_later_text(standin_paths, backbones):
+    model = FusionModel(config(standin_paths), backbones)
+    randomise(model)
+    text = TEXTS[0]
+    full = forward(model, [text])[0].logits[0]
+    enc = backbones["mistral"].tokenizer(text, return_offsets_mapping=True)
+    cut = len(enc["input_ids"]) // 2
+    prefix = text[: enc["offset_mapping"][cut - 1][1]]
+    short = forward(model, [prefix])[0].logits[0]
+    n = min(len(short), cut)
+    torch.testing.assert_close(short[:n - 1], full[:n - 1], atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_generation_equals_the_full_forward_argmax(standin_paths, backbones):
+    from test_generation import full_forward_argmax  # the stepwise reference of the generation tests
+
+    from fusion_llm.generation import generate
+
+    model = FusionModel(config(standin_paths), backbones)
+    randomise(model, 0.2)
+    prompt = "Whan that Aprille with his shoures soote"
+    new = generate(model, [prompt], max_new_tokens=4, stop_tokens=[]).new_tokens[0]
+    assert len(new) == 4
+    for k in range(len(new)):
+        assert full_forward_argmax(model, prompt, new[:k]) == new[k], k
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"lora_rank": -1}, "lora_rank"), ({"lora_rank": 1.5}, "lora_rank"), ({"lora_alpha": 0}, "lora_alpha"),
+])
+def test_bad_adapter_fields_name_the_field(standin_paths, change, field):
+    cfg = config(standin_paths).to_dict()
+    cfg["backbones"][0].update(change)
+    with pytest.raises(ConfigError, match=field):
+        FusionConfig(**{k: cfg[k] for k in ("backbones", "shared_width", "fusion", "head")})
+
+
+def test_adapters_need_an_lm_head_and_the_source_loss_needs_an_adapted_source(standin_paths):
+    cfg = config(standin_paths).to_dict()
+    with pytest.raises(ConfigError, match="lora_rank"):
+        FusionConfig(backbones=cfg["backbones"], head={"kind": "classification"})
+    with pytest.raises(ConfigError, match="source_lm_loss"):
+        config(standin_paths, source_rank=0)
+    with pytest.raises(ConfigError, match="source_lm_loss"):
+        FusionConfig(backbones=cfg["backbones"], head={"kind": "lm", "source_lm_loss": True})
