@@ -78,6 +78,7 @@ class RealPreset:
     head_warmup: int = 2
     head_lr: float = 1e-3
     lora_lr: float = 2e-3
+    mixer_lr: float | None = None  # the prediction mixer's rate (train.mixer_lr); None: the head's
     quantization: str = "nf4"
     pretrain_steps: int = 0  # fields lm_track's LoRA helper reads
     pretrain_batch: int = 0
@@ -87,7 +88,8 @@ class RealPreset:
 
     def to_dict(self) -> dict:
         """The fields one stage's training reads (its cache recipe): which variants run is not one of them."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "variants"}
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k != "variants" and not (k == "mixer_lr" and v is None)}
 
 
 PRESETS = {
@@ -238,7 +240,8 @@ def task_fused(anchor: str, members: dict, preset: RealPreset, head: dict, cache
             "data": {"files": {"train": files["train"], "validation": files["validation"]},
                      "max_length": preset.head_seq, "max_train_examples": preset.head_steps * preset.head_batch,
                      "max_eval_examples": 8},
-            "train": {"lr": preset.head_lr, "member_lr": preset.lora_lr, "batch_size": preset.head_batch,
+            "train": {"lr": preset.head_lr, "member_lr": preset.lora_lr, "mixer_lr": preset.mixer_lr,
+                      "batch_size": preset.head_batch,
                       "max_steps": preset.head_steps,
                       "warmup_steps": preset.head_warmup, "eval_every": preset.head_steps,
                       "checkpoint_every": preset.head_steps, "seed": 0},

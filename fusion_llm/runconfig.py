@@ -70,6 +70,7 @@ class TrainConfig:
     Args:
         lr, weight_decay, warmup_steps, schedule (``cosine`` / ``linear`` / ``constant``): AdamW and its schedule.
         member_lr: learning rate of the member adapters (``backbones[].lora_rank``); default ``lr``.
+        mixer_lr: learning rate of the prediction mixer (``head.source_predictions``); default ``lr``.
         batch_size: examples per process per micro-step; the effective batch is
             batch_size x gradient_accumulation x number of processes.
         gradient_accumulation, grad_clip: as usual (grad_clip 0 disables clipping).
@@ -86,6 +87,7 @@ class TrainConfig:
 
     lr: float = 1e-3
     member_lr: float | None = None
+    mixer_lr: float | None = None
     weight_decay: float = 0.01
     warmup_steps: int = 10
     schedule: str = "cosine"
@@ -107,8 +109,9 @@ class TrainConfig:
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"train.{key}: must be positive, got {getattr(self, key)}")
-        if self.member_lr is not None and not self.member_lr > 0:
-            raise ConfigError(f"train.member_lr: must be positive, got {self.member_lr}")
+        for key in ("member_lr", "mixer_lr"):
+            if getattr(self, key) is not None and not getattr(self, key) > 0:
+                raise ConfigError(f"train.{key}: must be positive, got {getattr(self, key)}")
         for key in ("weight_decay", "warmup_steps", "grad_clip", "cache_limit_gb"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}: must not be negative, got {getattr(self, key)}")

@@ -123,6 +123,18 @@ def _epoch_loader(dataset, epoch: int, seed: int, batch_size: int, collate, acce
     return accelerator.prepare_data_loader(loader)
 
 
+def _param_groups(head, tcfg) -> list[dict]:
+    """The head's parameters, with the member adapters and the prediction mixer in groups of their own rate."""
+    parts = [(getattr(head, "members", None), tcfg.member_lr), (getattr(head, "mixer", None), tcfg.mixer_lr)]
+    groups, taken = [], set()
+    for module, lr in parts:
+        if module is not None and lr is not None:
+            params = list(module.parameters())
+            groups.append({"params": params, "lr": lr})
+            taken |= {id(p) for p in params}
+    return [{"params": [p for p in head.parameters() if id(p) not in taken]}] + groups
+
+
 def _step_batch(model: FusionModel, batch: dict):
     if "alignment" in batch:
         return model.lm_forward(batch["inputs"], batch["alignment"], batch["labels"])
@@ -233,11 +245,7 @@ def train(run: RunConfig, *, resume: bool = False, cache_features: bool | None =
     max_steps = tcfg.max_steps or math.ceil(tcfg.epochs * updates_per_epoch)
 
     # The fused AdamW kernel (CPU and CUDA) takes the head's many small tensors in one pass: ~4x faster steps.
-    members = getattr(model.head, "members", None)
-    member_params = {id(p) for p in members.parameters()} if members is not None else set()
-    groups = [{"params": [p for p in model.head.parameters() if id(p) not in member_params]}]
-    if member_params:  # member adapters (backbones[].lora_rank) may take their own rate
-        groups.append({"params": list(members.parameters()), "lr": tcfg.member_lr or tcfg.lr})
+    groups = _param_groups(model.head, tcfg)
     optimizer = torch.optim.AdamW(groups, lr=tcfg.lr, weight_decay=tcfg.weight_decay, fused=True)
     schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[tcfg.schedule]
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=tcfg.warmup_steps, num_training_steps=max_steps)

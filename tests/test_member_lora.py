@@ -152,3 +152,18 @@ def test_adapters_need_an_lm_head_and_the_source_loss_needs_an_adapted_source(st
         config(standin_paths, source_rank=0)
     with pytest.raises(ConfigError, match="source_lm_loss"):
         FusionConfig(backbones=cfg["backbones"], head={"kind": "lm", "source_lm_loss": True})
+
+
+def test_member_adapters_and_the_mixer_take_their_own_learning_rates(standin_paths, backbones):
+    from fusion_llm.runconfig import TrainConfig
+    from fusion_llm.training import _param_groups
+
+    model = FusionModel(config(standin_paths), backbones)
+    groups = _param_groups(model.head, TrainConfig(lr=1e-3, member_lr=2e-3, mixer_lr=1e-2))
+    assert [g.get("lr") for g in groups] == [None, 2e-3, 1e-2]
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.head.parameters())  # every parameter once
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.head.members.parameters()}
+    assert len(_param_groups(model.head, TrainConfig(lr=1e-3))) == 1
+    with pytest.raises(ConfigError, match="train.mixer_lr"):
+        TrainConfig(mixer_lr=0)
