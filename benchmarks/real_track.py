@@ -66,6 +66,11 @@ class RealPreset:
     LoRA 5e-4 -> 1.3993, 2e-3 -> 1.3034. (With a plain residual the head reached 1.4790 at 1e-3 and 1.4665 at
     3e-3, and diverged at 1e-2.) Gemma-3 takes the same rates (its steps cost twice as much; not swept; with
     the RMS-scaled residual both anchors' heads work in the same normalised units).
+
+    ``mixer_lr`` (the fused model with member adapters; its adapters take ``lora_lr``, the control's rate) was
+    chosen on the same validation rows as the headline (4 per domain, mixture bits/byte), 2026-12-02: 1e-3 (the
+    head's rate) -> 1.2724 (SmolLM2 anchor) / 1.2197 (Gemma-3 anchor), 1e-2 -> 1.2585 / 1.2011. At 1e-3 the
+    mixer had only reached weights of about (-0.12, +0.09) for (anchor, source) after 24 steps.
     """
 
     name: str
@@ -96,7 +101,7 @@ PRESETS = {
     "micro": RealPreset("micro", head_steps=4, head_batch=2, head_seq=32, eval_rows=2, val_rows=1, gen_tokens=4,
                         head_warmup=1),
     "quick": RealPreset("quick", head_steps=24, head_batch=8, head_seq=64, eval_rows=12, val_rows=4,
-                        gen_tokens=24),
+                        gen_tokens=24, mixer_lr=1e-2),
     "full": RealPreset("full", head_steps=200, head_batch=8, head_seq=128, eval_rows=48, val_rows=16, gen_tokens=48,
                        head_warmup=10, variants=("late", "deep")),
 }
@@ -196,13 +201,15 @@ def task_alone(name: str, members: dict, preset: RealPreset, threads: int) -> di
     return entry
 
 
-def task_lora(name: str, members: dict, preset: RealPreset, target: int, cache: Path, threads: int) -> dict:
-    """LoRA on one member (lm_track's recipe: peft, all decoder Linears, the mixture rows the head trains on)."""
+def task_lora(name: str, members: dict, preset: RealPreset, target: int, cache: Path, threads: int,
+              steps: int | None = None) -> dict:
+    """LoRA on one member (lm_track's recipe: peft, all decoder Linears, the mixture rows the head trains on;
+    ``steps`` optimizer steps, default the head's)."""
     _quiet(threads)
     from fusion_llm.lm_eval import hf_logits_fn, score_causal_lm
 
     spec = _spec(name, members, preset, anchor=True)
-    model, info = lm_track.train_lora(preset, Path(spec.model), target, cache, True, print, name=name)
+    model, info = lm_track.train_lora(preset, Path(spec.model), target, cache, True, print, name=name, steps=steps)
     fn = hf_logits_fn(model)
     from transformers import AutoTokenizer
 
@@ -453,6 +460,59 @@ def ablation(preset: str, out_dir: Path, *, anchor: str = "smol", log=print) -> 
     return out
 
 
+def route_probe(out_dir: Path, *, weights=(0.0, 0.25, 0.5), val_rows: int = 8, log=print) -> dict:
+    """Probe: the prediction route untrained. For each anchor, the other member's next-token distribution carried
+    onto the anchor's vocabulary (`fusion_llm.vocab_bridge`) and mixed log-linearly at a fixed weight ``w``
+    (the mixer's bias set to ``(-w, w)``, nothing trained), scored on ``val_rows`` validation rows per domain.
+    ``w = 0`` is the anchor alone. Writes ``real_route_probe.json``."""
+    from fusion_llm.lm_eval import score_fused
+    from fusion_llm.modeling import FusionModel
+    from fusion_llm.runconfig import build_run_config
+
+    p = PRESETS["quick"]
+    texts = _texts("validation", val_rows)
+    out = {"val_rows": val_rows, "weights": list(weights), "anchors": {},
+           "date": dt.datetime.now().isoformat(timespec="seconds")}
+    for anchor in MEMBERS:
+        head = {**HEAD, "head": {**HEAD["head"], "source_predictions": True}, "shared_width": 64}
+        run = build_run_config({"model": {"backbones": _backbone_dicts(anchor, MEMBERS, p), **head}})
+        model = FusionModel.from_config(run.fusion_config())
+        rows = {}
+        for w in weights:
+            with torch.no_grad():
+                model.head.mixer.out.bias.copy_(torch.tensor([-w, w]))
+            scores = {d: score_fused(model, t) for d, t in texts.items()}
+            rows[str(w)] = {**{d: v.bits_per_byte for d, v in scores.items()},
+                            "mixture": sum(scores.values(), start=type(scores[DOMAINS[0]])()).bits_per_byte}
+            log(f"[route] {anchor} anchor, weight {w}: " + ", ".join(f"{k} {v:.4f}" for k, v in rows[str(w)].items()))
+        out["anchors"][anchor] = rows
+        del model
+    _write_json_atomic(Path(out_dir) / "real_route_probe.json", out)
+    return out
+
+
+def wallclock_lora(preset: str, out_dir: Path, log=print) -> dict:
+    """Control: LoRA on the headline's anchor given the headline fused model's training time (the step count that
+    LoRA's own measured seconds per step fit into it). Reads ``real_results.json``; writes
+    ``real_wallclock_lora.json``."""
+    results = json.loads((Path(out_dir) / "real_results.json").read_text())
+    headline = next(e for e in results["entries"] if e.get("headline"))
+    lora = next(e for e in results["entries"] if e["group"] == "lora" and e["member"] == headline["anchor"])
+    per_step = lora["lora"]["train_seconds"] / lora["lora"]["steps"]
+    steps = max(lora["lora"]["steps"], round(headline["train_seconds"] / per_step))
+    p = PRESETS[preset]
+    cache = Path(out_dir) / "cache" / "real"
+    entry = task_lora(headline["anchor"], MEMBERS, p, lora["lora"]["target_params"], cache, 1, steps=steps)
+    out = {"preset": preset, "headline": headline["name"], "headline_train_seconds": headline["train_seconds"],
+           "lora_seconds_per_step": per_step, "steps": steps, "entry": entry,
+           "margin_vs_headline": {d: headline["bits_per_byte"][d] - entry["bits_per_byte"][d] for d in COLUMNS},
+           "date": dt.datetime.now().isoformat(timespec="seconds")}
+    _write_json_atomic(Path(out_dir) / "real_wallclock_lora.json", out)
+    log(f"[wallclock] {entry['name']}: " + ", ".join(f"{d} {entry['bits_per_byte'][d]:.3f}" for d in COLUMNS)
+        + f" (headline minus it: " + ", ".join(f"{v:+.3f}" for v in out["margin_vs_headline"].values()) + ")")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="quick", choices=sorted(PRESETS))
@@ -463,6 +523,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep-head-only", action="store_true", help="with --sweep: the head's rates only")
     parser.add_argument("--ablation", action="store_true",
                         help="probe: the head over SmolLM2's own taps only (what the other member adds)")
+    parser.add_argument("--route-probe", action="store_true",
+                        help="probe: the other member's predictions mixed in at fixed weights, nothing trained")
+    parser.add_argument("--wallclock-lora", action="store_true",
+                        help="control: LoRA on the headline's anchor given the headline's training time "
+                             "(after a track run)")
     args = parser.parse_args(argv)
     _quiet(1)
     out_dir = Path(args.out) if args.out else ROOT / "results" / "compare_merges" / args.preset
@@ -471,6 +536,10 @@ def main(argv: list[str] | None = None) -> int:
             sweep(args.preset, out_dir, workers=args.workers, **({"lora_lrs": ()} if args.sweep_head_only else {}))
         elif args.ablation:
             ablation(args.preset, out_dir)
+        elif args.route_probe:
+            route_probe(out_dir)
+        elif args.wallclock_lora:
+            wallclock_lora(args.preset, out_dir)
         else:
             run_real_track(args.preset, out_dir, workers=args.workers)
     except Exception as e:  # one line for what a user can fix (a missing member, no network)

