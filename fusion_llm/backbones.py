@@ -205,6 +205,11 @@ class FrozenBackbone:
         return logits
 
 
+def loaded_depth(spec: BackboneSpec, with_lm_head: bool) -> int:
+    """How many decoder layers `load_backbone` keeps: full depth with the LM head, else up to the deepest tap."""
+    return max(spec.num_hidden_layers if with_lm_head else spec.deepest_tap, 1)
+
+
 @contextlib.contextmanager
 def _quiet_loading():
     """Truncation leaves the upper layers' weights unused on purpose: no load report, no progress bar."""
@@ -278,8 +283,7 @@ def load_backbone(
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     tokenizer.padding_side = "right"
 
-    depth = spec.num_hidden_layers if with_lm_head else spec.deepest_tap
-    config = truncated_config(full_config, max(depth, 1))
+    config = truncated_config(full_config, loaded_depth(spec, with_lm_head))
     dtype = getattr(torch, spec.compute_dtype)
     loader = AutoModelForCausalLM if with_lm_head else AutoModel
     with _quiet_loading():

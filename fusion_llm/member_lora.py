@@ -23,11 +23,6 @@ from torch import nn
 from fusion_llm.config import BackboneSpec, ConfigError
 
 
-def loaded_depth(spec: BackboneSpec, with_lm_head: bool) -> int:
-    """How many decoder layers `fusion_llm.backbones.load_backbone` keeps (full depth with the LM head)."""
-    return max(spec.num_hidden_layers if with_lm_head else spec.deepest_tap, 1)
-
-
 def decoder_linears(model: nn.Module) -> dict[str, list[int]]:
     """``{module path: [in, out]}`` of every Linear in a decoder (the LoRA control's ``all-linear`` set: the
     output layer is not part of the decoder)."""
@@ -39,7 +34,7 @@ def lora_modules(spec: BackboneSpec, with_lm_head: bool) -> dict[str, list[int]]
     """The Linears member adapters go on, from the backbone's config alone (a decoder built on the meta device)."""
     from transformers import AutoModel
 
-    from fusion_llm.backbones import truncated_config
+    from fusion_llm.backbones import loaded_depth, truncated_config
 
     config = truncated_config(spec.load_model_config(), loaded_depth(spec, with_lm_head))
     with torch.device("meta"):
@@ -83,8 +78,8 @@ class MemberLoRA(nn.Module):
         from peft import LoraConfig, inject_adapter_in_model
 
         model = backbone.model
-        found = decoder_linears(model) if not getattr(model, "_fusion_member_lora", False) else None
-        if found is not None:
+        if not getattr(model, "_fusion_member_lora", False):
+            found = decoder_linears(model)
             missing = [p for p in self.paths if p not in found]
             shapes = {p: [self.lora_A[_key(p)].in_features, self.lora_B[_key(p)].out_features] for p in self.paths}
             if missing or any(found[p] != shapes[p] for p in self.paths):

@@ -182,10 +182,13 @@ def test_causal_safety_real_tokenizers(text):
 @given(prefix=_TEXTS, continuation=_TEXTS)
 def test_settled_tokens_survive_any_continuation_real(prefix, continuation):
     # R(prefix) is decided from the prefix alone; its tokens must start every longer text.
-    for f in FAMILIES:
-        tok = real(f)
+    _check_settled_survive(prefix, continuation, {f: real(f) for f in FAMILIES})
+
+
+def _check_settled_survive(prefix, continuation, tokenizers):
+    for name, tok in tokenizers.items():
         k = A.settled_count(prefix, tok)
-        assert tok(prefix + continuation)["input_ids"][:k] == tok(prefix)["input_ids"][:k], (f, prefix, continuation)
+        assert tok(prefix + continuation)["input_ids"][:k] == tok(prefix)["input_ids"][:k], (name, prefix, continuation)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -508,7 +511,4 @@ def test_a_dropped_control_byte_breaks_causal_alignment_known_defect():
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(prefix=_TEXTS, continuation=_TEXTS)
 def test_settled_tokens_survive_any_continuation_real_members(prefix, continuation):
-    for n in _REAL_PAIR:
-        tok = real_member(n)
-        k = A.settled_count(prefix, tok)
-        assert tok(prefix + continuation)["input_ids"][:k] == tok(prefix)["input_ids"][:k], (n, prefix, continuation)
+    _check_settled_survive(prefix, continuation, {n: real_member(n) for n in _REAL_PAIR})
