@@ -492,9 +492,18 @@ def real_member(name: str):
 _DROPPED = "\x04\x06\x13\x14\x16\x1d"
 
 
+# Beyond the BMP (e.g. "\U00040000:ก") the alignment also breaks with SmolLM2 as anchor (pinned below as well).
+_KEPT = st.characters(codec="utf-8", max_codepoint=0xFFFF, exclude_characters=_DROPPED)
+_MEMBER_TEXTS = st.lists(  # _TEXTS without the dropped bytes
+    st.one_of(st.sampled_from(_FRAGMENTS), _WS, st.from_regex(r"[0-9]{1,8}([.,][0-9]{1,4})?", fullmatch=True),
+              st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), min_size=1, max_size=6),
+              st.text(alphabet=_KEPT, min_size=1, max_size=3)),
+    min_size=1, max_size=10).map("".join)
+
+
 @needs_real_pair
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(text=_TEXTS.filter(lambda t: not any(c in t for c in _DROPPED)))
+@given(text=_MEMBER_TEXTS)
 def test_causal_safety_real_member_tokenizers(text):
     toks = {n: real_member(n) for n in _REAL_PAIR}
     _check_causal(text, toks, toks)
@@ -502,13 +511,14 @@ def test_causal_safety_real_member_tokenizers(text):
 
 @needs_real_pair
 @pytest.mark.xfail(strict=True, reason="known defect: a character the tokenizer drops breaks the settled index")
-def test_a_dropped_control_byte_breaks_causal_alignment_known_defect():
+@pytest.mark.parametrize("text", ["0\x06日本語", "\U00040000:ก"], ids=["dropped_byte", "astral_code_point"])
+def test_a_dropped_control_byte_breaks_causal_alignment_known_defect(text):
     toks = {n: real_member(n) for n in _REAL_PAIR}
-    _check_causal("0\x06日本語", toks, toks)
+    _check_causal(text, toks, toks)
 
 
 @needs_real_pair
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(prefix=_TEXTS, continuation=_TEXTS)
+@given(prefix=_MEMBER_TEXTS, continuation=_MEMBER_TEXTS)
 def test_settled_tokens_survive_any_continuation_real_members(prefix, continuation):
     _check_settled_survive(prefix, continuation, {n: real_member(n) for n in _REAL_PAIR})
