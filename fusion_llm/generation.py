@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fusion_llm.alignment import align_source, causal_char_ends, prefix_tokens
-from fusion_llm.modeling import add_residual, mix_predictions
+from fusion_llm.modeling import add_residual, mixed_logits
 
 
 @dataclass
@@ -262,13 +262,14 @@ def generate(model, prompts: list[str] | str, max_new_tokens: int = 32, do_sampl
         last = hidden[last_layer][rows]
         confidence = corrections = None
         if sources.predictions:
-            anchor_lp = anchor.lm_logits(last).float().log_softmax(-1).to(device)  # (n, 1, V)
-            corrections, confidence = model.source_predictions(source_last, alignment, anchor_lp)
+            corrections, confidence = model.source_predictions(source_last, alignment, *anchor.lm_log_probs(last))
         head_out = head(features, confidence=confidence)
         residual = head_out.logits  # (n, 1, anchor hidden)
-        logits = anchor.lm_logits(add_residual(last, residual.to(last.device), model.config.head))
+        hidden = add_residual(last, residual.to(last.device), model.config.head)
         if sources.predictions:
-            logits = mix_predictions(logits, head_out.mix, corrections)
+            logits = mixed_logits(anchor, hidden, head_out.mix, corrections)
+        else:
+            logits = anchor.lm_logits(hidden)
         logits = logits[:, -1]  # (n, V)
         t3 = time.perf_counter()
         chosen = _next_tokens(logits, do_sample, temperature, top_k, generator).cpu()

@@ -167,20 +167,29 @@ def add_residual(last: torch.Tensor, residual: torch.Tensor, head: dict) -> torc
     return last + residual.to(last.dtype)
 
 
-def mix_predictions(logits: torch.Tensor, mix: torch.Tensor, corrections: torch.Tensor) -> torch.Tensor:
+def mixed_logits(anchor: FrozenBackbone, hidden: torch.Tensor, mix: torch.Tensor,
+                 corrections: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """Log-linear mix of the anchor and each source: ``(1 + mix_0) * logits + sum_i mix_i * log p_i``.
 
     With ``log p_i = logits + correction_i`` up to a per-position constant (which a softmax ignores), that is
-    ``(1 + sum(mix)) * logits + sum_i mix_i * correction_i``.
+    ``(1 + sum(mix)) * logits + sum_i mix_i * correction_i``. The factor goes into the anchor's output layer
+    (`FrozenBackbone.lm_logits`) and each correction is sparse, added where it is not zero only: no pass over
+    the (B, T, V) logits besides the output layer's own.
 
     Args:
-        logits: (B, T, V) the anchor's (residual-adjusted) logits.
-        mix: (B, T, 1 + S) weights, zero at initialisation (then the result is ``logits`` exactly).
-        corrections: (B, T, S, V) each source's predictions relative to the anchor's (`FusionModel.source_predictions`).
+        anchor: the anchor backbone (its output layer).
+        hidden: (B, T, H) the anchor's (residual-adjusted) last hidden state.
+        mix: (B, T, 1 + S) weights, zero at initialisation (then the result is the anchor's logits exactly).
+        corrections: per source, ``(keys, values)``: distinct indices into the flattened (B * T, V) logits and
+            the source's log-probabilities relative to the anchor's there (`FusionModel.source_predictions`).
     """
-    mix = mix.to(logits.dtype)
-    sources = torch.einsum("bts,btsv->btv", mix[..., 1:], corrections.to(logits.dtype))
-    return logits + mix.sum(-1, keepdim=True) * logits + sources
+    mix = mix.to(hidden.device)
+    out = anchor.lm_logits(hidden, scale=1 + mix.sum(-1, keepdim=True))
+    flat, rows, size = out.view(-1), mix.flatten(0, 1).to(out.dtype), out.shape[-1]
+    for i, (keys, values) in enumerate(corrections):
+        keys = keys.to(out.device)
+        flat.index_add_(0, keys, rows[keys // size, 1 + i] * values.to(out.device, out.dtype))
+    return out
 
 
 class FusionModel(nn.Module):
@@ -377,14 +386,12 @@ class FusionModel(nn.Module):
             features[name] = self.head.align(name, [t.to(device) for t in taps], alignment[name].to(device))
         confidence = corrections = None
         if predictions:
-            with torch.no_grad():
-                anchor_lp = anchor.lm_logits(anchor_last).float().log_softmax(-1).to(device)
-            corrections, confidence = self.source_predictions(source_last, alignment, anchor_lp)
+            corrections, confidence = self.source_predictions(source_last, alignment,
+                                                              *anchor.lm_log_probs(anchor_last.detach()))
         out = self.head(features, confidence=confidence)
         residual = out.logits  # (B, T, anchor hidden), zero at initialisation
-        logits = anchor.lm_logits(add_residual(anchor_last.to(device), residual, self.config.head))
-        if predictions:
-            logits = mix_predictions(logits, out.mix, corrections)
+        hidden = add_residual(anchor_last.to(device), residual, self.config.head)
+        logits = mixed_logits(anchor, hidden, out.mix, corrections) if predictions else anchor.lm_logits(hidden)
         if labels is None:
             ids = enc["input_ids"].to(logits.device)
             labels = ids.masked_fill(enc["attention_mask"].to(logits.device) == 0, -100)
@@ -396,27 +403,30 @@ class FusionModel(nn.Module):
 
     @torch.no_grad()
     def source_predictions(self, source_last: dict[str, torch.Tensor], alignment: dict[str, torch.Tensor],
-                           anchor_log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                           anchor_log_probs: torch.Tensor, anchor_entropy: torch.Tensor
+                           ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
         """Each source's next-token distribution at its aligned position, carried onto the anchor's vocabulary.
 
         Args:
             source_last: source name -> (B, S, H) its last-layer (pre-norm) hidden states.
             alignment: source name -> (B, T) index into S per anchor position (-1: no source token yet).
-            anchor_log_probs: (B, T, V) the anchor's own next-token log-probabilities (frozen).
+            anchor_log_probs, anchor_entropy: (B, T, V) the anchor's own next-token log-probabilities (frozen) and
+                (B, T) their entropy (`FrozenBackbone.lm_log_probs`).
 
         Returns:
-            ``(corrections, confidence)``: (B, T, sources, V) each source's log-probabilities minus the
-            anchor's, up to a per-position constant (`fusion_llm.vocab_bridge`; zero where a source has no
-            position yet), and (B, T, 2 * sources + 1) the anchor's and each source's entropy (nats) and
-            whether each source has a position.
+            ``(corrections, confidence)``: per source, its log-probabilities minus the anchor's, up to a
+            per-position constant (`fusion_llm.vocab_bridge`), kept sparse as ``(keys, values)`` over the
+            flattened (B * T, V) logits (nothing where the source has no position yet), and
+            (B, T, 2 * sources + 1) the anchor's and each source's entropy (nats) and whether each source has a
+            position.
         """
         from fusion_llm.vocab_bridge import bridge_for, top_log_probs
 
         anchor = self.anchor
-        device = anchor_log_probs.device
+        device = self.head.device
+        anchor_log_probs = anchor_log_probs.to(device)
         b, t, v = anchor_log_probs.shape
-        anchor_probs = anchor_log_probs.exp()
-        entropies = [-(anchor_probs * anchor_log_probs).sum(-1)]
+        entropies = [anchor_entropy.to(device)]
         valids, corrections = [], []
         for name, hidden in source_last.items():
             backbone = self._backbones[name]
@@ -425,11 +435,12 @@ class FusionModel(nn.Module):
             gathered = hidden.gather(1, index.clamp_min(0).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
             bridge = bridge_for(backbone, anchor)
             top, ids, entropy = top_log_probs(backbone, gathered.flatten(0, 1), bridge.top_k)  # (B*T, k)
-            correction = bridge.correction(top.to(device), ids.to(device), anchor_probs.flatten(0, 1))
-            corrections.append(correction.view(b, t, v).masked_fill_(~valid.unsqueeze(-1), 0.0))
+            keys, values = bridge.sparse_correction(top.to(device), ids.to(device), anchor_log_probs.flatten(0, 1))
+            present = valid.flatten()[keys // v]
+            corrections.append((keys[present], values[present]))
             entropies.append(entropy.to(device).view(b, t).masked_fill(~valid, 0.0))
             valids.append(valid.float())
-        return torch.stack(corrections, dim=2), torch.stack(entropies + valids, dim=-1)
+        return corrections, torch.stack(entropies + valids, dim=-1)
 
     def generate(self, prompts: list[str] | str, **kwargs):
         """Generate with an LM fusion model: the anchor decodes with its KV cache, the other backbones see the

@@ -133,31 +133,49 @@ class VocabBridge:
         self.mapped = torch.tensor([b is not None for b in anc])  # (V_anchor,)
 
     @torch.no_grad()
-    def correction(self, top_log_probs: torch.Tensor, top_ids: torch.Tensor, anchor_probs: torch.Tensor) -> torch.Tensor:
-        """The source's distribution in the anchor's vocabulary, as a correction to ``log(rest * P_anchor)``.
+    def sparse_correction(self, top_log_probs: torch.Tensor, top_ids: torch.Tensor,
+                          anchor_log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The source's distribution in the anchor's vocabulary, as a correction to ``log(rest * P_anchor)``,
+        kept sparse: the correction is zero except where the top-k's mass lands (at most ``k * (1 + C)`` anchor
+        tokens per position), so a (N, V_anchor) tensor is never built.
 
         Args:
             top_log_probs, top_ids: (N, k) the source's most likely next tokens and their log-probabilities
                 (`top_log_probs`).
-            anchor_probs: (N, V_anchor) the anchor's own (frozen) next-token probabilities.
+            anchor_log_probs: (N, V_anchor) the anchor's own (frozen) next-token log-probabilities.
 
         Returns:
-            (N, V_anchor) float32 ``log p(v) - log(rest * P_anchor(v))`` (see the module docstring), >= 0.
+            ``(keys, values)``: (U,) distinct indices into the flattened (N, V_anchor) correction
+            (``row * V_anchor + token``) and (U,) float32 ``log p(v) - log(rest * P_anchor(v)) > 0`` there.
         """
-        n = top_ids.shape[0]
+        n, size = top_ids.shape[0], self.anchor_size
+        anchor_log_probs = anchor_log_probs[:, :size]
         top_p = top_log_probs.float().exp()
-        anchor_probs = torch.nn.functional.pad(anchor_probs[:, : self.anchor_size].float(), (0, 1))  # dummy col
-        extensions = self.anchor_extensions[top_ids].long()  # (n, k, C)
-        ext_p = anchor_probs.gather(1, extensions.flatten(1)).view(extensions.shape)  # (n, k, C)
+        extensions = self.anchor_extensions[top_ids].long()  # (n, k, C), anchor_size = padding
+        ext_p = anchor_log_probs.gather(1, extensions.clamp_max(size - 1).flatten(1)).view(extensions.shape)
+        ext_p = ext_p.float().exp_().masked_fill_(extensions == size, 0.0)
         z = ext_p.sum(-1, keepdim=True)  # (n, k, 1) anchor mass on the tokens that spell u or extend it
         shared = z.squeeze(-1) > 0  # (n, k) u's mass is shared among its extensions, else all on its first token
-        sparse = torch.zeros((n, self.anchor_size + 1))
-        sparse.scatter_add_(1, self.first_anchor[top_ids], torch.where(shared, torch.zeros_like(top_p), top_p))
-        share = torch.where(shared.unsqueeze(-1), ext_p / z.clamp_min(1e-30), torch.zeros_like(ext_p))
-        sparse.scatter_add_(1, extensions.flatten(1), (top_p.unsqueeze(-1) * share).flatten(1))
-        floor = anchor_probs[:, :-1].mul_(self.rest(top_log_probs, top_ids).unsqueeze(-1)).clamp_min_(1e-30)
-        out = sparse[:, :-1].div_(floor).log1p_()
-        return out.masked_fill_(~self.mapped, 0.0)
+        first = self.first_anchor[top_ids]  # (n, k), anchor_size = no anchor token spells u's start (mass -> rest)
+        placed = torch.cat([torch.where(shared | (first == size), torch.zeros_like(top_p), top_p),
+                            (top_p.unsqueeze(-1) * ext_p / z.clamp_min(1e-30)).flatten(1)], 1)  # (n, k + k*C)
+        tokens = torch.cat([first, extensions.flatten(1)], 1)
+        keep = placed > 0  # padding and unspellable tokens carry nothing
+        rows = torch.arange(n).unsqueeze(-1).expand_as(tokens)[keep]
+        keys, inverse = torch.unique(rows * size + tokens[keep], return_inverse=True)
+        mass = torch.zeros(keys.shape[0]).scatter_add_(0, inverse, placed[keep])
+        rows, cols = keys // size, keys % size
+        floor = (anchor_log_probs[rows, cols].float().exp() * self.rest(top_log_probs, top_ids)[rows]).clamp_min_(1e-30)
+        values = mass.div_(floor).log1p_()
+        mapped = self.mapped[cols]
+        return keys[mapped], values[mapped]
+
+    def correction(self, top_log_probs: torch.Tensor, top_ids: torch.Tensor,
+                   anchor_log_probs: torch.Tensor) -> torch.Tensor:
+        """`sparse_correction` as a dense (N, V_anchor) float32 tensor (>= 0; for inspection and tests)."""
+        keys, values = self.sparse_correction(top_log_probs, top_ids, anchor_log_probs)
+        out = torch.zeros(top_ids.shape[0] * self.anchor_size)
+        return out.index_put_((keys,), values).view(-1, self.anchor_size)
 
     def rest(self, top_log_probs: torch.Tensor, top_ids: torch.Tensor) -> torch.Tensor:
         """(N,) the source's mass spread like the anchor's distribution: outside the top-k (or unspellable)."""
@@ -170,7 +188,7 @@ class VocabBridge:
         log-probabilities + log(rest) + the correction (for inspection and tests)."""
         top = source_log_probs[:, : self.source_size].float().topk(min(self.top_k, self.source_size), -1)
         rest = self.rest(top.values, top.indices)
-        correction = self.correction(top.values, top.indices, anchor_log_probs.float().exp())
+        correction = self.correction(top.values, top.indices, anchor_log_probs.float())
         mapped = anchor_log_probs.float() + rest.log().unsqueeze(-1) + correction
         return torch.where(self.mapped, mapped, anchor_log_probs.float())
 

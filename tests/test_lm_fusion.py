@@ -217,6 +217,35 @@ def test_lm_head_save_load_identical_and_fingerprinted(lm_model, tmp_path, predi
         assert any(k.startswith("mixer.") for k in f.keys()) == predictions
 
 
+@pytest.mark.parametrize("anchor", ["mistral", "gemma"], ids=["linear_output_layer", "soft_capped"])
+def test_mixed_logits_equal_the_dense_log_linear_mix(lm_model, anchor):
+    """`mixed_logits` folds the anchor's weight into the output layer (where it is linear) and adds the sparse
+    corrections in place; values and gradients equal ``(1 + sum(mix)) * logits + sum_i mix_i * correction_i``
+    over dense corrections."""
+    from fusion_llm.modeling import mixed_logits
+
+    backbone = lm_model.backbones[anchor]
+    size = backbone.lm_head.weight.shape[0]
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 5, backbone.spec.hidden_size, requires_grad=True)
+    mix = (0.3 * torch.randn(2, 5, 3)).requires_grad_()
+    dense, corrections = [], []
+    for _ in range(2):
+        keys = torch.randperm(10 * size)[:40]  # distinct entries of the flattened (B * T, V) logits
+        values = torch.rand(40) * 5
+        dense.append(torch.zeros(10 * size).index_put_((keys,), values).view(2, 5, size))
+        corrections.append((keys, values))
+    dense = torch.stack(dense, dim=2)
+    got = mixed_logits(backbone, hidden, mix, corrections)
+    want = ((1 + mix.sum(-1, keepdim=True)) * backbone.lm_logits(hidden)
+            + torch.einsum("bts,btsv->btv", mix[..., 1:], dense))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    weights = torch.randn_like(want)
+    grads = torch.autograd.grad((got * weights).sum(), (hidden, mix))
+    for g, w in zip(grads, torch.autograd.grad((want * weights).sum(), (hidden, mix))):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
 def test_nothing_vector_is_used_before_any_source_token_settles(lm_model):
     """Phi-3's tokenizer adds no BOS: its first anchor positions see the learned "nothing yet" vector."""
     for tails in (False, True):
