@@ -211,7 +211,7 @@ def generate(model, prompts: list[str] | str, max_new_tokens: int = 32, do_sampl
     tokenizer = anchor.tokenizer
     stops = _stop_ids(tokenizer, stop_tokens)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    head = model.head
+    head = model.head_module
     head_was_training = head.training
     head.eval()
 
@@ -257,13 +257,12 @@ def generate(model, prompts: list[str] | str, max_new_tokens: int = 32, do_sampl
         for name, (taps, index) in source_feats.items():
             if sources.predictions:
                 *taps, source_last[name] = taps
-                alignment[name] = index  # (n, 1): position 0 of the (n, 1, H) last layer, or -1
-            features[name] = head.align(name, [t.to(device) for t in taps], index.to(device))
+            features[name], alignment[name] = [t.to(device) for t in taps], index.to(device)
         last = hidden[last_layer][rows]
         confidence = corrections = None
         if sources.predictions:
             corrections, confidence = model.source_predictions(source_last, alignment, *anchor.lm_log_probs(last))
-        head_out = head(features, confidence=confidence)
+        head_out = head(features, confidence=confidence, alignment=alignment)
         residual = head_out.logits  # (n, 1, anchor hidden)
         hidden = add_residual(last, residual.to(last.device), model.config.head)
         if sources.predictions:

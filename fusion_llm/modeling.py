@@ -118,15 +118,21 @@ class FusionHead(PreTrainedModel):
         return self.fusion(torch.stack(adapted, dim=-2))  # (..., N, W) -> (..., W)
 
     def forward(self, features: dict[str, list[torch.Tensor]], labels: torch.Tensor | None = None,
-                confidence: torch.Tensor | None = None) -> FusionOutput:
+                confidence: torch.Tensor | None = None, alignment: dict[str, torch.Tensor] | None = None
+                ) -> FusionOutput:
         """Classification: pooled taps -> label logits (and cross-entropy loss with ``labels``).
 
         For an LM head this returns the residual (B, T, anchor hidden) as ``logits``; `FusionModel`
-        adds it to the anchor's hidden state and applies the anchor's output layer. With
+        adds it to the anchor's hidden state and applies the anchor's output layer. The sources' taps come
+        in at their own positions (B, S, H) with ``alignment`` (source name -> (B, T) index, `align`): every
+        trainable parameter is used inside this call, as DistributedDataParallel needs. With
         ``head.source_predictions`` it also returns ``mix`` (B, T, 1 + sources), the log-linear weights of the
         anchor's logits and each source's predictions, from the fused feature and ``confidence`` (B, T,
         2 * sources + 1: the anchor's and each source's entropy, and whether each source has a position yet).
         """
+        if alignment is not None:
+            features = {n: self.align(n, taps, alignment[n]) if n in alignment else taps
+                        for n, taps in features.items()}
         fused = self.fuse(features)
         if self.config.head["kind"] == "lm":  # features: anchor taps and aligned source taps, (B, T, H)
             mix = None
@@ -240,6 +246,11 @@ class FusionModel(nn.Module):
         return self._backbones
 
     @property
+    def head_module(self) -> FusionHead:
+        """The head itself, also while training wraps it (DistributedDataParallel): for its attributes."""
+        return getattr(self.head, "module", self.head)
+
+    @property
     def anchor(self) -> FrozenBackbone | None:
         name = self.config.anchor_name
         return self._backbones[name] if name else None
@@ -338,7 +349,7 @@ class FusionModel(nn.Module):
                     raise ValueError("give inputs, features or texts")
                 inputs = self.tokenize(texts)
             features = self.features(inputs)
-        device = self.head.device
+        device = self.head_module.device
         features = {n: [t.to(device) for t in taps] for n, taps in features.items()}
         return self.head(features, labels=labels)
 
@@ -361,7 +372,7 @@ class FusionModel(nn.Module):
         anchor = self.anchor
         if anchor is None or anchor.lm_head is None:
             raise ValueError("lm_forward needs an anchor backbone loaded with its LM head (head.kind: lm)")
-        device = self.head.device
+        device = self.head_module.device
         enc = inputs[anchor.name]
         last = anchor.spec.num_hidden_layers
         *anchor_taps, anchor_last = anchor.taps(enc["input_ids"], enc["attention_mask"],
@@ -383,12 +394,13 @@ class FusionModel(nn.Module):
                 source_last[name] = taps.pop()
                 if self.config.head.get("source_lm_loss") and backbone.trainable:
                     member_losses.append(own_token_loss(backbone, source_last[name], src))
-            features[name] = self.head.align(name, [t.to(device) for t in taps], alignment[name].to(device))
+            features[name] = [t.to(device) for t in taps]
         confidence = corrections = None
         if predictions:
             corrections, confidence = self.source_predictions(source_last, alignment,
                                                               *anchor.lm_log_probs(anchor_last.detach()))
-        out = self.head(features, confidence=confidence)
+        out = self.head(features, confidence=confidence,
+                        alignment={n: a.to(device) for n, a in alignment.items() if n in features})
         residual = out.logits  # (B, T, anchor hidden), zero at initialisation
         hidden = add_residual(anchor_last.to(device), residual, self.config.head)
         logits = mixed_logits(anchor, hidden, out.mix, corrections) if predictions else anchor.lm_logits(hidden)
@@ -423,7 +435,7 @@ class FusionModel(nn.Module):
         from fusion_llm.vocab_bridge import bridge_for, top_log_probs
 
         anchor = self.anchor
-        device = self.head.device
+        device = self.head_module.device
         anchor_log_probs = anchor_log_probs.to(device)
         b, t, v = anchor_log_probs.shape
         entropies = [anchor_entropy.to(device)]

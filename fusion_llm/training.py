@@ -152,8 +152,10 @@ def evaluate_lm(model: FusionModel, loader, accelerator: Accelerator) -> dict:
         logits = _step_batch(model, batch).logits
         labels = batch["labels"].to(logits.device)
         nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none",
-                                                ignore_index=-100)[labels.flatten() != -100]
-        nll = accelerator.gather(accelerator.pad_across_processes(nll, pad_index=float("nan")))
+                                                ignore_index=-100).view(labels.shape)
+        nll = nll.masked_fill(labels == -100, float("nan"))  # (B, T): one row per example
+        # rows, so gather_for_metrics drops the examples the sampler repeated to even out the processes
+        nll = accelerator.gather_for_metrics(accelerator.pad_across_processes(nll, dim=1, pad_index=float("nan")))
         metric.add_batch(nll=nll[~torch.isnan(nll)].cpu().tolist())
     model.head.train()
     return {f"eval_{k}": v for k, v in metric.compute().items()}

@@ -124,6 +124,48 @@ def test_two_processes_end_with_identical_heads(standin_paths, tmp_path):
     assert first == second
 
 
+def lm_tiny(tmp_path, **changes):
+    """An LM run on two stand-ins: Mistral as anchor with member adapters (LoRA inside it, used outside the
+    head's own modules), Phi-3 aligned with packed tails; 5 validation rows, so two processes split them
+    unevenly."""
+    animals, colors = ["fox", "dog", "cat", "owl"], ["red", "blue", "green"]
+    rows = [f"the {colors[i % 3]} {animals[i % 4]} jumps over {i % 7} fences, and the {animals[(i + 1) % 4]} sleeps."
+            for i in range(80)]
+    for split, texts in (("train", rows[:64]), ("validation", rows[64:69])):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    cfg = tiny(tmp_path, train__max_steps=10, train__eval_every=10, train__checkpoint_every=100, train__lr=1e-2)
+    cfg["model"]["backbones"][0].update(anchor=True, lora_rank=1)
+    cfg["model"]["head"] = {"kind": "lm", "source_tails": True}
+    cfg["data"] = {"files": {"train": str(tmp_path / "train.jsonl"), "validation": str(tmp_path / "validation.jsonl")},
+                   "max_length": 32, "max_train_examples": 64, "max_eval_examples": 5}
+    cfg["train"]["batch_size"] = 4
+    for key, value in changes.items():
+        section, _, name = key.partition("__")
+        if name:
+            cfg[section][name] = value
+        else:
+            cfg[section] = value
+    return cfg
+
+
+def test_two_processes_train_an_lm_head_with_member_adapters_alike(standin_paths, tmp_path):
+    """LM training under DDP: every trainable part (alignment's "nothing" vectors, member adapters) goes
+    through the wrapped head; both processes end with the same head, the loss falls below the anchor's, and
+    the evaluation counts each validation row once (the 2-process anchor score equals the 1-process one)."""
+    single = train(build_run_config(lm_tiny(tmp_path, train__max_steps=1, output_dir=str(tmp_path / "one"))))
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(lm_tiny(tmp_path)))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29578"]
+    result = run_cli(["--config", str(path)], launcher=launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run/run_summary.json").read_text())
+    assert summary["num_processes"] == 2
+    first, second = summary["process_head_checksums"]
+    assert first == second
+    assert summary["anchor_eval"]["eval_loss"] == pytest.approx(single["anchor_eval"]["eval_loss"], abs=1e-4)
+    assert summary["final"]["eval_loss"] < summary["anchor_eval"]["eval_loss"] - 0.1
+
+
 @pytest.mark.parametrize("change, message", [
     ({"train__lr": -1}, "train.lr"),
     ({"train__bogus": 1}, "unknown key"),
