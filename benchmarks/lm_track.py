@@ -29,6 +29,7 @@ LoRA adapter, merges) are cached under ``<out_dir>/cache/lm`` by a hash of their
 import argparse
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import json
 import os
@@ -157,9 +158,22 @@ class Stages:
         return result
 
 
+@functools.lru_cache(maxsize=None)
+def code_digest() -> str:
+    """A digest of the library's source (``fusion_llm/**/*.py``): a cached stage trained by other code is not
+    reused (a stage's recipe alone does not say which code trained it)."""
+    import fusion_llm
+
+    root = Path(fusion_llm.__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def _key(kind: str, recipe: dict) -> str:
-    digest = hashlib.sha256(json.dumps({"kind": kind, "v": RECIPE_VERSION, **recipe}, sort_keys=True,
-                                       default=str).encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps({"kind": kind, "v": RECIPE_VERSION, "code": code_digest(), **recipe},
+                                       sort_keys=True, default=str).encode()).hexdigest()
     return f"{kind}-{digest[:12]}"
 
 

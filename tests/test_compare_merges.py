@@ -151,6 +151,27 @@ def test_store_is_keyed_by_recipe(tmp_path):
     assert len(calls) == 2
 
 
+def test_lm_stage_key_changes_with_the_library_code(tmp_path, monkeypatch):
+    """A cached LM-track stage trained by other library code is not reused: the key holds a digest of the code."""
+    import fusion_llm
+
+    spec = importlib.util.spec_from_file_location("lm_track_key", ROOT / "benchmarks" / "lm_track.py")
+    lm_track = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lm_track)
+    copy = tmp_path / "fusion_llm"
+    (copy / "sub").mkdir(parents=True)
+    (copy / "__init__.py").write_text("")
+    (copy / "sub" / "m.py").write_text("x = 1\n")
+    monkeypatch.setattr(fusion_llm, "__file__", str(copy / "__init__.py"))
+    lm_track.code_digest.cache_clear()
+    before = lm_track._key("fused", {"a": 1})
+    assert lm_track._key("fused", {"a": 1}) == before and lm_track._key("fused", {"a": 2}) != before
+    (copy / "sub" / "m.py").write_text("x = 2\n")
+    lm_track.code_digest.cache_clear()
+    assert lm_track._key("fused", {"a": 1}) != before
+    lm_track.code_digest.cache_clear()
+
+
 def test_mean_stderr():
     assert mean_stderr([1.0]) == (1.0, 0.0)
     mean, stderr = mean_stderr([1.0, 2.0, 3.0])
