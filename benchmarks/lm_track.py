@@ -46,6 +46,7 @@ if str(ROOT) not in sys.path:
 
 import torch
 
+from fusion_llm.comparison.store import recipe_key, write_json_atomic
 from fusion_llm.data.corpora import DOMAINS
 
 RECIPE_VERSION = 3  # bump when a stage's code changes what it produces
@@ -172,15 +173,12 @@ def code_digest() -> str:
 
 
 def _key(kind: str, recipe: dict) -> str:
-    digest = hashlib.sha256(json.dumps({"kind": kind, "v": RECIPE_VERSION, "code": code_digest(), **recipe},
-                                       sort_keys=True, default=str).encode()).hexdigest()
-    return f"{kind}-{digest[:12]}"
+    """The stage's cache key (`fusion_llm.comparison.store.recipe_key`): its recipe, this track's version and
+    the library's code."""
+    return recipe_key(kind, {"lm_v": RECIPE_VERSION, "code": code_digest(), **recipe})
 
 
-def _write_json_atomic(path: Path, value) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=1, default=float))
-    os.replace(tmp, path)
+_write_json_atomic = write_json_atomic
 
 
 # ---- data and backbones ------------------------------------------------------------------------------
