@@ -7,11 +7,11 @@
     python benchmarks/compare_merges.py --preset full        # 3 seeds, the seed's budget; hours, resumable
     python benchmarks/compare_merges.py --preset micro --out /tmp/cm   # smoke run (< 60 s)
 
-The grokking track (`fusion_llm.comparison.grokking_track`): four homogeneous experts (a small
+The grokking track (`benchmarks.grokking.track`): four homogeneous experts (a small
 `LlamaForCausalLM` over the grokking vocabulary, fine-tuned from one shared base), their merges by
 mergekit, feature fusion of the frozen experts (one head per fusion method), four stand-ins of four
 families fused, and the controls (experts alone, a head-sized model from scratch on the union, the
-seed baseline). The LM track belongs to `benchmarks/lm_track.py` (``run_lm_track(preset, out_dir)``).
+seed baseline). The LM tracks live in `benchmarks.lm` (``track.run_lm_track``, ``real.run_real_track``).
 
 Writes ``results/compare_merges/<preset>/results.json``, ``results.md`` and three PNG plots, and
 prints the table. Finished stages are cached under ``<out>/cache/grokking`` by a hash of their recipe,
@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
-import importlib.util
-import inspect
 import json
 import os
 import platform
@@ -36,11 +34,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if __name__ == "__main__":  # run as a script: import `benchmarks` as a package from the repository root
+    sys.path[0] = str(ROOT)
 
 import torch  # noqa: E402
 
-from fusion_llm.comparison.presets import FAMILY_TASKS, PRESETS, get_preset  # noqa: E402
+from benchmarks.grokking.presets import FAMILY_TASKS, PRESETS, get_preset  # noqa: E402
+from benchmarks.lm import real as real_track  # noqa: E402
+from benchmarks.lm import track as lm_track  # noqa: E402
+from fusion_llm.paths import write_json_atomic  # noqa: E402
+from fusion_llm.standins.real_members import REAL_MEMBERS, RealMemberError, is_provisioned  # noqa: E402
 
 
 def cpu_seconds() -> float:
@@ -72,7 +75,7 @@ def machine(threads: int) -> dict:
 
 
 def schedules(preset) -> str:
-    from fusion_llm.baselines.grokking_transformer import get_schedule
+    from benchmarks.grokking.baseline import get_schedule
 
     baseline = get_schedule(preset.baseline)
     if preset.baseline_updates is not None:
@@ -87,8 +90,8 @@ def schedules(preset) -> str:
 
 
 def run_grokking(preset, out_dir: Path, use_cache: bool, threads: int) -> dict:
-    from fusion_llm.comparison.grokking_track import run_grokking_track
-    from fusion_llm.comparison.report import aggregate, check_targets, render_table, write_results
+    from benchmarks.grokking.track import run_grokking_track
+    from benchmarks.grokking.report import aggregate, check_targets, render_table, write_results
 
     started, cpu_started = time.perf_counter(), cpu_seconds()
     info = machine(threads)
@@ -125,22 +128,12 @@ def run_grokking(preset, out_dir: Path, use_cache: bool, threads: int) -> dict:
     return results
 
 
-def run_lm(preset_name: str, out_dir: Path, use_cache: bool = True, path: Path = ROOT / "benchmarks" / "lm_track.py"):
-    """The LM track: ``run_lm_track(preset, out_dir)`` of ``benchmarks/lm_track.py`` when it exists."""
-    if not path.is_file():
-        print("the LM track is not available yet (benchmarks/lm_track.py does not exist)")
-        return
-    spec = importlib.util.spec_from_file_location("lm_track", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "run_lm_track"):
-        print("the LM track is not available yet (benchmarks/lm_track.py has no run_lm_track)")
-        return
-    if preset_name not in getattr(module, "PRESETS", {preset_name: None}):
-        print(f"the LM track has no preset {preset_name!r} (it has {', '.join(module.PRESETS)}): skipped")
-        return
-    options = {"use_cache": use_cache} if "use_cache" in inspect.signature(module.run_lm_track).parameters else {}
-    return module.run_lm_track(preset_name, out_dir, **options)
+def run_lm(preset_name: str, out_dir: Path, use_cache: bool = True):
+    """The LM track (`benchmarks.lm.track.run_lm_track`), when it has this preset."""
+    if preset_name not in lm_track.PRESETS:
+        print(f"the LM track has no preset {preset_name!r} (it has {', '.join(lm_track.PRESETS)}): skipped")
+        return None
+    return lm_track.run_lm_track(preset_name, out_dir, use_cache=use_cache)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,8 +175,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.track == "real":
         return run_real(preset.name, out_dir, fresh=args.fresh)
     if args.track == "all":
-        from fusion_llm.real_members import REAL_MEMBERS, is_provisioned
-
         if all(is_provisioned(name) for name in REAL_MEMBERS):
             return run_real(preset.name, out_dir, fresh=args.fresh)
         print("the real-members track is skipped: its members are not provisioned "
@@ -192,21 +183,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_real(preset_name: str, out_dir: Path, fresh: bool = False) -> int:
-    """The real-members track (``benchmarks/real_track.py``): two worker processes, one core each."""
-    spec = importlib.util.spec_from_file_location("real_track", ROOT / "benchmarks" / "real_track.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["real_track"] = module  # its dataclasses and worker processes find it by name
-    spec.loader.exec_module(module)
-    if preset_name not in module.PRESETS:
-        print(f"the real-members track has no preset {preset_name!r} (it has {', '.join(module.PRESETS)}): skipped")
+    """The real-members track (`benchmarks.lm.real`): two worker processes, one core each."""
+    if preset_name not in real_track.PRESETS:
+        print(f"the real-members track has no preset {preset_name!r} (it has {', '.join(real_track.PRESETS)}): skipped")
         return 0
     if fresh and (out_dir / "cache" / "real").is_dir():
         shutil.rmtree(out_dir / "cache" / "real")
     try:
-        module.run_real_track(preset_name, out_dir)
-    except Exception as e:  # a member that cannot be provisioned (no network, a hash mismatch): one line
-        if type(e).__name__ != "RealMemberError":
-            raise
+        real_track.run_real_track(preset_name, out_dir)
+    except RealMemberError as e:  # a member that cannot be provisioned (no network, a hash mismatch): one line
         print(f"compare_merges: error: real-members track: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     return 0
@@ -239,9 +224,7 @@ def finish_lm_process(lm_process: tuple, out_dir: Path) -> int:
     if lm_json.is_file():
         combined = json.loads(shared.read_text()) if shared.is_file() else {}
         combined["lm_track"] = json.loads(lm_json.read_text())
-        tmp = shared.with_name(".results.json.tmp")
-        tmp.write_text(json.dumps(combined, indent=1, default=str))
-        os.replace(tmp, shared)
+        write_json_atomic(shared, combined)
         print((out_dir / "lm_results.md").read_text())
     return 0
 

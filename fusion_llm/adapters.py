@@ -6,6 +6,13 @@ from torch import nn
 
 from fusion_llm.config import AdapterSpec
 
+# kind -> the projection (in_width -> out_width) of that adapter kind; `AdapterSpec` validates the kind.
+PROJECTIONS = {
+    "linear": lambda spec, i, o: [nn.Linear(i, o)],
+    "lowrank": lambda spec, i, o: [nn.Linear(i, spec.rank, bias=False), nn.Linear(spec.rank, o)],
+    "mlp": lambda spec, i, o: [nn.Linear(i, spec.hidden or 2 * o), nn.GELU(), nn.Linear(spec.hidden or 2 * o, o)],
+}
+
 
 def build_adapter(spec: AdapterSpec, in_width: int, out_width: int) -> nn.Sequential:
     """A trainable projection of one tap.
@@ -22,13 +29,7 @@ def build_adapter(spec: AdapterSpec, in_width: int, out_width: int) -> nn.Sequen
     if spec.layer_norm:
         # Taps are pre-norm residual streams whose scale grows with depth; normalise first.
         layers.append(nn.LayerNorm(in_width))
-    if spec.kind == "linear":
-        layers.append(nn.Linear(in_width, out_width))
-    elif spec.kind == "lowrank":
-        layers += [nn.Linear(in_width, spec.rank, bias=False), nn.Linear(spec.rank, out_width)]
-    else:  # mlp
-        hidden = spec.hidden or 2 * out_width
-        layers += [nn.Linear(in_width, hidden), nn.GELU(), nn.Linear(hidden, out_width)]
+    layers += PROJECTIONS[spec.kind](spec, in_width, out_width)
     if spec.dropout:
         layers.append(nn.Dropout(spec.dropout))
     return nn.Sequential(*layers)

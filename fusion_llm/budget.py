@@ -20,14 +20,12 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM
 
-from fusion_llm.config import BackboneSpec, ConfigError, FusionConfig
+from fusion_llm.config import BackboneSpec, FusionConfig
+from fusion_llm.errors import BudgetError
+from fusion_llm.heads import FusionHead
 
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-
-
-class BudgetError(ConfigError):
-    """The plan is over the configured budget; the message holds the table."""
 
 
 @dataclass
@@ -133,8 +131,6 @@ def plan_backbone(spec: BackboneSpec, with_lm_head: bool = False) -> BackbonePla
 
 def trainable_parameters(config: FusionConfig) -> int:
     """Parameters of the head the config describes (built on the meta device)."""
-    from fusion_llm.modeling import FusionHead
-
     with torch.device("meta"):
         head = FusionHead(config)
     return sum(p.numel() for p in head.parameters())

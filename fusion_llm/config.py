@@ -19,6 +19,9 @@ from typing import Any
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 
+from fusion_llm.errors import ConfigError
+from fusion_llm.fusion import validate_fusion_options
+
 QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 ADAPTER_KINDS = ("linear", "lowrank", "mlp")
@@ -30,10 +33,6 @@ _TRANSFORMERS_KEYS = {
     "model_type", "name_or_path", "_name_or_path", "output_attentions", "attn_implementation",
     "experts_implementation", "torch_dtype", "id2label", "label2id", "num_labels", "_commit_hash",
 }
-
-
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message names the field and the fix."""
 
 
 def _check_keys(where: str, given: dict, allowed: set[str]) -> None:
@@ -331,8 +330,6 @@ class FusionConfig(PreTrainedConfig):
         self.adapter = dataclasses.asdict(_from_dict(AdapterSpec, "adapter", self.adapter or {}))
         self.head = dataclasses.asdict(_from_dict(HeadSpec, "head", self.head or {}))
         self.fusion = dict(self.fusion or {"method": "concat"})
-        from fusion_llm.fusion import validate_fusion_options  # registry import is lazy: fusion imports config
-
         self.fusion = validate_fusion_options(self.fusion)
         if self.budget_limit is None or float(self.budget_limit) <= 0:
             raise ConfigError(f"budget_limit: must be positive, got {self.budget_limit}")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fusion_llm.alignment import align_source, causal_char_ends, prefix_tokens
-from fusion_llm.modeling import add_residual, mixed_logits
+from fusion_llm.heads import add_residual, mixed_logits
 
 
 @dataclass

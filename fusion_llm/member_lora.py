@@ -20,7 +20,9 @@ import math
 import torch
 from torch import nn
 
-from fusion_llm.config import BackboneSpec, ConfigError
+from fusion_llm.backbones import loaded_depth, truncated_config
+from fusion_llm.config import BackboneSpec
+from fusion_llm.errors import ConfigError
 
 
 def decoder_linears(model: nn.Module) -> dict[str, list[int]]:
@@ -33,8 +35,6 @@ def decoder_linears(model: nn.Module) -> dict[str, list[int]]:
 def lora_modules(spec: BackboneSpec, with_lm_head: bool) -> dict[str, list[int]]:
     """The Linears member adapters go on, from the backbone's config alone (a decoder built on the meta device)."""
     from transformers import AutoModel
-
-    from fusion_llm.backbones import loaded_depth, truncated_config
 
     config = truncated_config(spec.load_model_config(), loaded_depth(spec, with_lm_head))
     with torch.device("meta"):

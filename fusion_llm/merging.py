@@ -27,13 +27,11 @@ from typing import Any
 import torch
 import yaml
 
+from fusion_llm.errors import MergeRefused
+
 MERGE_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear")
 NEEDS_BASE = frozenset({"task_arithmetic", "ties", "dare_ties", "dare_linear"})
 PER_EXPERT = ("weight", "density")  # mergekit's per-input parameters; the rest are shared
-
-
-class MergeRefused(RuntimeError):
-    """mergekit refused to merge; ``str(err)`` is mergekit's own message."""
 
 
 def check_method(method: str, has_base: bool) -> None:

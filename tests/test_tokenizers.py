@@ -14,7 +14,7 @@ from fusion_llm.paths import FAMILIES, tokenizer_dir
 
 SKIP_REASON = "real tokenizers not fetched: run python scripts/fetch_tokenizers.py"
 
-# Known facts, stated here independently of fusion_llm.tokenizers.EXPECTED:
+# Known facts, stated here independently of fusion_llm.standins.tokenizer_sources.EXPECTED:
 # len(tokenizer), (bos, id), (eos, id), (unk, id) or None, (pad, id) or None, adds BOS.
 FACTS = {
     "llama3": (128256, ("<|begin_of_text|>", 128000), ("<|end_of_text|>", 128001), None, None, True),
@@ -32,7 +32,7 @@ def _tok(family: str):
     if not (tokenizer_dir(family) / "tokenizer.json").is_file():
         pytest.skip(SKIP_REASON)
     if family not in _loaded:
-        from fusion_llm.tokenizers import load_tokenizer
+        from fusion_llm.standins.real_tokenizers import load_tokenizer
 
         _loaded[family] = load_tokenizer(family)
     return _loaded[family]
@@ -205,7 +205,7 @@ def test_gemma2_tokenization():
 
 
 def test_load_tokenizer_says_how_to_fetch(tmp_path, monkeypatch):
-    from fusion_llm.tokenizers import load_tokenizer
+    from fusion_llm.standins.real_tokenizers import load_tokenizer
 
     monkeypatch.setenv("FUSION_LLM_CACHE", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="scripts/fetch_tokenizers.py"):
@@ -213,7 +213,7 @@ def test_load_tokenizer_says_how_to_fetch(tmp_path, monkeypatch):
 
 
 def test_sources_are_recorded():
-    from fusion_llm.tokenizers import EXPECTED, TOKENIZER_SOURCES
+    from fusion_llm.standins.tokenizer_sources import EXPECTED, TOKENIZER_SOURCES
 
     assert set(TOKENIZER_SOURCES) == set(FAMILIES) == set(EXPECTED)
     for family, src in TOKENIZER_SOURCES.items():
@@ -225,7 +225,7 @@ def test_sources_are_recorded():
 
 
 def test_present_family_is_skipped_without_downloading(tmp_path, monkeypatch):
-    from fusion_llm import tokenizers as T
+    from fusion_llm.standins import real_tokenizers as T
 
     monkeypatch.setenv("FUSION_LLM_CACHE", str(tmp_path))
     monkeypatch.setenv("PATH", str(tmp_path / "no-tools"))  # npm cannot run

@@ -8,7 +8,11 @@ from pathlib import Path
 import torch
 from datasets import DatasetDict, load_dataset
 
-from fusion_llm.config import ConfigError
+from fusion_llm import alignment
+from fusion_llm.data import grokking
+from fusion_llm.data.text import python_docs_dataset
+from fusion_llm.data.topics import topics_dataset
+from fusion_llm.errors import ConfigError
 from fusion_llm.runconfig import DataConfig
 
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
@@ -43,22 +47,19 @@ def load_raw(data: DataConfig, need_labels: bool = True) -> DatasetDict:
     return out
 
 
+def _builtin_tasks() -> dict:
+    """Task name -> a function of the seed building its `DatasetDict`."""
+    tasks = {"topics": topics_dataset, "python_docs": python_docs_dataset,
+             "grokking_all": lambda seed: grokking.build_union_dataset(seed=seed)}
+    tasks.update({t: (lambda seed, t=t: grokking.build_task_dataset(t, seed=seed)) for t in grokking.TASKS})
+    return tasks
+
+
 def _builtin_task(data: DataConfig) -> DatasetDict:
-    if data.task == "topics":
-        from fusion_llm.data.topics import topics_dataset
-
-        return topics_dataset(seed=data.seed)
-    if data.task == "python_docs":
-        from fusion_llm.data.text import python_docs_dataset
-
-        return python_docs_dataset(seed=data.seed)
-    from fusion_llm.data import grokking
-
-    if data.task in grokking.TASKS:
-        return grokking.build_task_dataset(data.task, seed=data.seed)
-    if data.task == "grokking_all":
-        return grokking.build_union_dataset(seed=data.seed)
-    raise ConfigError(f"data.task: unknown task {data.task!r}; known: topics, python_docs, grokking_all, {', '.join(grokking.TASKS)}")
+    tasks = _builtin_tasks()
+    if data.task not in tasks:
+        raise ConfigError(f"data.task: unknown task {data.task!r}; known: {', '.join(tasks)}")
+    return tasks[data.task](seed=data.seed)
 
 
 def _local_files(data: DataConfig) -> DatasetDict:
@@ -168,14 +169,11 @@ def align_splits(ds: DatasetDict, anchor_tokenizer, source_tokenizers: dict, tex
     """Tokenize every split with the anchor and each source and compute the causal alignment once
     per example (``Dataset.map``; stored with the example, never recomputed in the training step).
     ``tails``: pack each source's unsettled tails (``fusion_llm.alignment.align_batch(tails=True)``)."""
-    import fusion_llm.alignment
-    from fusion_llm.alignment import make_align_fn
-
-    fn = make_align_fn(anchor_tokenizer, source_tokenizers, text_column=text_column, max_length=max_length,
-                       tails=tails)
+    fn = alignment.make_align_fn(anchor_tokenizer, source_tokenizers, text_column=text_column,
+                                 max_length=max_length, tails=tails)
     tokenizers = [anchor_tokenizer, *[source_tokenizers[n] for n in sorted(source_tokenizers)]]
     key = _map_key(tokenizers, sorted(source_tokenizers), text_column, max_length, tails, fn.__qualname__,
-                   code=(Path(fusion_llm.alignment.__file__), Path(fn.__code__.co_filename)))
+                   code=tuple(sorted(Path(alignment.__file__).parent.glob("*.py"))))
     out = DatasetDict({
         split: d.map(fn, batched=True, remove_columns=d.column_names, desc="aligning",
                      new_fingerprint=hashlib.sha256(f"{d._fingerprint}:{key}".encode()).hexdigest()[:16])
@@ -203,9 +201,8 @@ class LMCollator:
                 continue
             src, src_mask = pad_right([r[f"{name}_input_ids"] for r in rows], pad)
             inputs[name] = {"input_ids": src, "attention_mask": src_mask}
-            if f"{name}_group" in rows[0]:
-                inputs[name]["tail_group"], _ = pad_right([r[f"{name}_group"] for r in rows], -2)
-                inputs[name]["tail_ctx"], _ = pad_right([r[f"{name}_ctx"] for r in rows], 0)
-                inputs[name]["position_ids"], _ = pad_right([r[f"{name}_pos"] for r in rows], 0)
+            if f"{name}_tail_group" in rows[0]:  # packed tails (`fusion_llm.alignment.TAIL_COLUMNS`)
+                for column, pad in (("tail_group", -2), ("tail_ctx", 0), ("position_ids", 0)):
+                    inputs[name][column], _ = pad_right([r[f"{name}_{column}"] for r in rows], pad)
             alignment[name], _ = pad_right([r[f"{name}_align"] for r in rows], -1)
         return {"inputs": inputs, "alignment": alignment, "labels": labels}

@@ -5,6 +5,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from fusion_llm.errors import ConfigError
 from fusion_llm.fusion.registry import FusionMethod, register_fusion
 
 
@@ -18,8 +19,6 @@ class AttentionFusion(FusionMethod):
     def __init__(self, num_inputs, width, options):
         super().__init__(num_inputs, width, options)
         if width % options.num_heads:
-            from fusion_llm.config import ConfigError
-
             raise ConfigError(f"fusion.num_heads: {options.num_heads} does not divide shared_width {width}")
         self.query = nn.Parameter(torch.randn(1, 1, width) * width**-0.5)
         # A learned embedding per input tells the query which backbone/tap each feature came from.

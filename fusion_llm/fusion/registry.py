@@ -7,7 +7,7 @@ from typing import Callable
 
 from torch import nn
 
-from fusion_llm.config import ConfigError
+from fusion_llm.errors import ConfigError
 
 _REGISTRY: dict[str, type["FusionMethod"]] = {}
 
