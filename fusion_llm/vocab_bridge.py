@@ -2,7 +2,8 @@
 
 A source LM with its own tokenizer predicts ``P_src(u)`` over its tokens ``u`` for the text that follows a
 prefix. The anchor needs the probability of its own *next token*. The mass of each of the source's ``top_k``
-tokens goes where the anchor's tokenizer would put those bytes:
+tokens, less the probability of the next token down (`less_next`: so the truncation is continuous), goes where
+the anchor's tokenizer would put those bytes:
 
 - to the anchor's first token for ``bytes(u)`` (the longest anchor token they start with) when that token is
   shorter than ``u``: the anchor would emit it and go on with the rest;
@@ -186,16 +187,39 @@ class VocabBridge:
     def log_probs(self, source_log_probs: torch.Tensor, anchor_log_probs: torch.Tensor) -> torch.Tensor:
         """``log p(v)`` itself (N, V_anchor), from full (N, V_src) source log-probabilities: the anchor's
         log-probabilities + log(rest) + the correction (for inspection and tests)."""
-        top = source_log_probs[:, : self.source_size].float().topk(min(self.top_k, self.source_size), -1)
-        rest = self.rest(top.values, top.indices)
-        correction = self.correction(top.values, top.indices, anchor_log_probs.float())
+        source = source_log_probs[:, : self.source_size].float()
+        top, ids = less_next(*source.topk(min(self.top_k + 1, self.source_size), -1), self.top_k)
+        rest = self.rest(top, ids)
+        correction = self.correction(top, ids, anchor_log_probs.float())
         mapped = anchor_log_probs.float() + rest.log().unsqueeze(-1) + correction
         return torch.where(self.mapped, mapped, anchor_log_probs.float())
 
 
 @torch.no_grad()
+def less_next(top_log_probs: torch.Tensor, top_ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k of a distribution, each token less the probability of the next one down.
+
+    A hard top-k is discontinuous: two near-tied tokens at its edge (a float rounding apart, as between a batch
+    and its rows run alone) swap in and out, and the one kept can move a rare anchor token's logit by nats. Less
+    the (k+1)-th probability, a token enters or leaves the top-k with no mass, so the bridged distribution is a
+    continuous function of the source's logits. The mass taken off goes to the rest.
+
+    Args:
+        top_log_probs, top_ids: (N, k + 1) (or (N, k) when the vocabulary has only k tokens) the most likely
+            tokens in descending order and their log-probabilities.
+
+    Returns:
+        (N, k) log-probabilities (``-inf`` for a token tied with the next) and their ids.
+    """
+    p = top_log_probs.float().exp()
+    if p.shape[-1] > k:
+        p = (p[:, :k] - p[:, k:k + 1]).clamp_min_(0.0)
+    return p.log(), top_ids[:, :k]
+
+
 def top_log_probs(backbone, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A frozen LM's ``k`` most likely next tokens (through its own output layer, `FrozenBackbone.lm_logits`).
+    """A frozen LM's ``k`` most likely next tokens (through its own output layer, `FrozenBackbone.lm_logits`),
+    each less the probability of the (k+1)-th (`less_next`).
 
     Args:
         backbone: a `FrozenBackbone` loaded with its LM head.
@@ -206,12 +230,13 @@ def top_log_probs(backbone, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor,
         top-k part plus the rest taken as one outcome (a cheap stand-in for the full entropy).
     """
     logits = backbone.lm_logits(hidden).float()  # (N, V)
-    top, ids = logits.topk(min(k, logits.shape[-1]), dim=-1)
-    log_probs = top - torch.logsumexp(logits, dim=-1, keepdim=True)
+    top, ids = logits.topk(min(k + 1, logits.shape[-1]), dim=-1)
+    top = top - torch.logsumexp(logits, dim=-1, keepdim=True)
+    log_probs = top[:, :k]
     p = log_probs.exp()
     rest = (1.0 - p.sum(-1)).clamp_min(1e-12)
     entropy = -(p * log_probs).sum(-1) - rest * rest.log()
-    return log_probs, ids, entropy
+    return (*less_next(top, ids, k), entropy)
 
 
 _BRIDGES: dict[tuple, VocabBridge] = {}

@@ -38,11 +38,13 @@ def reference(bridge, source, anchor, source_lp, anchor_lp, v):
     """log p(v) of the module docstring, computed by brute force over the vocabularies."""
     sb = token_bytes(source) + [None] * (bridge.source_size - len(source))
     ab = token_bytes(anchor) + [None] * (bridge.anchor_size - len(anchor))
-    top = source_lp.topk(bridge.top_k)
+    top = source_lp.topk(bridge.top_k + 1)
+    probs = top.values.double().exp()
+    probs = probs[:-1] - probs[-1]  # each of the top-k less the next one down
     p_anchor = anchor_lp.double().exp()
-    rest = 1.0 - float(top.values.exp().sum())
+    rest = 1.0 - float(probs.sum())
     total = 0.0
-    for u, p in zip(top.indices.tolist(), top.values.double().exp().tolist()):
+    for u, p in zip(top.indices[:-1].tolist(), probs.tolist()):
         b = sb[u]
         spelled = [w for w, c in enumerate(ab) if c and b and b.startswith(c)]
         if not spelled:
@@ -88,3 +90,29 @@ def test_a_certain_source_puts_its_mass_where_the_anchor_would_cut(tokenizers, f
     first = anchor.tokenize(" theory")[0]  # the anchor's own first token of these bytes
     assert mapped[anchor.convert_tokens_to_ids(first)] > 0.9, first
     assert mapped[anchor.convert_tokens_to_ids("▁cat")] < 1e-6  # nothing agrees with " cat"
+
+
+def test_near_ties_at_the_edge_of_the_top_k_do_not_move_the_bridged_distribution(tokenizers):
+    """Rounding that swaps the k-th and (k+1)-th source tokens (a batch vs its rows run alone) moves almost no
+    mass: each kept token counts less the next one's probability, so the edge carries none. A hard top-k moves
+    the edge token's whole probability."""
+    source, anchor = tokenizers["phi3"], tokenizers["mistral"]
+    bridge = VocabBridge(source, anchor, top_k=4)  # few kept tokens: the edge one carries real mass
+    torch.manual_seed(0)
+    logits = 3 * torch.randn(1, bridge.source_size)
+    anchor_lp = (3 * torch.randn(1, bridge.anchor_size)).log_softmax(-1)
+    order = logits[0].argsort(descending=True)
+    kth, next_ = order[bridge.top_k - 1], order[bridge.top_k]
+    logits[0, next_] = logits[0, kth] - 1e-6  # a near tie at the edge
+    swapped = logits.clone()
+    swapped[0, next_], swapped[0, kth] = logits[0, kth], logits[0, next_]  # the other one is now inside
+
+    def moved(a, b):  # total variation distance of two bridged distributions
+        return float((a.double().exp() - b.double().exp()).abs().sum() / 2)
+
+    soft = moved(bridge.log_probs(logits.log_softmax(-1), anchor_lp), bridge.log_probs(swapped.log_softmax(-1), anchor_lp))
+    edge = float(logits.log_softmax(-1)[0, kth].exp())
+    assert soft < 1e-6 < 0.01 < edge
+    hard = [anchor_lp + bridge.correction(*lp.topk(bridge.top_k), anchor_lp)
+            for lp in (logits.log_softmax(-1), swapped.log_softmax(-1))]
+    assert moved(hard[0].log_softmax(-1), hard[1].log_softmax(-1)) > edge / 4
