@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,13 +44,58 @@ def _check_keys(where: str, given: dict, allowed: set[str]) -> None:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(allowed)}")
 
 
-def _from_dict(cls, where: str, data: dict | Any):
-    """Build dataclass `cls` from a dict, refusing unknown keys with a message naming `where`."""
+def _typed(where: str, hint, value):
+    """``value`` as the field's type ``hint`` (bool, int, float, str, list[int], optional), or a `ConfigError`
+    naming the field. Takes what a user means where it is unambiguous: ``"3e-4"`` (YAML reads a number without
+    a dot as a string) is a float, ``2.0`` an int; refuses non-finite numbers."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None and len(options) < len(typing.get_args(hint)):
+            return None
+        hint = options[0] if len(options) == 1 else Any
+    shown = f"{value!r} ({type(value).__name__})"
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {shown}")
+    elif hint in (int, float):
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                number = None
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise ConfigError(f"{where}: expected a{'n integer' if hint is int else ' number'}, got {shown}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {shown}")
+        if hint is int:
+            if number != int(number):
+                raise ConfigError(f"{where}: expected an integer, got {shown}")
+            return int(number)
+        return float(number)
+    elif hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {shown}")
+    elif typing.get_origin(hint) is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {shown}")
+        return [_typed(f"{where}[{i}]", typing.get_args(hint)[0], v) for i, v in enumerate(value)]
+    elif hint is dict and not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {shown}")
+    return value
+
+
+def _from_dict(cls, where: str, data: dict | Any, prefix: str | None = None):
+    """Build dataclass `cls` from a dict, refusing unknown keys and values of the wrong type with a message
+    naming `where` and the field (``prefix`` + field name; default ``where.``)."""
     if isinstance(data, cls):
         return data
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     _check_keys(where, data, {f.name for f in dataclasses.fields(cls)})
+    hints = typing.get_type_hints(cls)
+    prefix = f"{where}." if prefix is None else prefix
+    data = {k: _typed(f"{prefix}{k}", hints[k], v) for k, v in data.items()}
     try:
         return cls(**data)
     except TypeError as err:  # a missing required field
@@ -314,9 +362,13 @@ class FusionConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         _check_keys("FusionConfig", kwargs, _TRANSFORMERS_KEYS)
         super().__post_init__(**kwargs)
+        if self.backbones is not None and not isinstance(self.backbones, (list, tuple)):
+            raise ConfigError(f"backbones: expected a list of backbones, got {type(self.backbones).__name__}")
         self.backbones = [
             _from_dict(BackboneSpec, f"backbones[{i}]", b).to_dict() for i, b in enumerate(self.backbones or [])
         ]
+        self.shared_width = _typed("shared_width", int | None, self.shared_width)
+        self.budget_limit = _typed("budget_limit", float | None, self.budget_limit)
         names = [b["name"] for b in self.backbones]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -325,13 +377,13 @@ class FusionConfig(PreTrainedConfig):
         dupe_models = sorted({m for m, r in models if models.count((m, r)) > 1})
         if dupe_models:
             raise ConfigError(f"backbones: model(s) {dupe_models} listed twice; tap several layers of one entry instead")
-        if self.shared_width is None or int(self.shared_width) <= 0:
+        if self.shared_width is None or self.shared_width <= 0:
             raise ConfigError(f"shared_width: must be positive, got {self.shared_width}")
         self.adapter = dataclasses.asdict(_from_dict(AdapterSpec, "adapter", self.adapter or {}))
         self.head = dataclasses.asdict(_from_dict(HeadSpec, "head", self.head or {}))
         self.fusion = dict(self.fusion or {"method": "concat"})
         self.fusion = validate_fusion_options(self.fusion)
-        if self.budget_limit is None or float(self.budget_limit) <= 0:
+        if self.budget_limit is None or self.budget_limit <= 0:
             raise ConfigError(f"budget_limit: must be positive, got {self.budget_limit}")
         if self.backbones:
             anchors = [b["name"] for b in self.backbones if b["anchor"]]

@@ -221,9 +221,11 @@ def build_run_config(data: dict, base: Path = REPO_ROOT) -> RunConfig:
         data["data"] = {**data["data"], "files": {
             split: str(cache_dir() / f[len("cache:"):]) if isinstance(f, str) and f.startswith("cache:") else f
             for split, f in data["data"]["files"].items()}}
-    run = _from_dict(RunConfig, "run config", data)
+    run = _from_dict(RunConfig, "run config", data, prefix="")
     run.data = _from_dict(DataConfig, "data", run.data if run.data is not None else {})
     run.train = _from_dict(TrainConfig, "train", run.train if run.train is not None else {})
+    if not run.model.get("backbones"):
+        raise ConfigError("model.backbones: empty; list the backbones to fuse (name, model, tap_layers, anchor)")
     run.fusion_config()  # validate the model section now
     return run
 

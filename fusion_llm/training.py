@@ -185,6 +185,16 @@ def train(run: RunConfig, *, resume: bool = False, cache_features: bool | None =
     tcfg = run.train
     cache_features = tcfg.cache_features if cache_features is None else cache_features
     output_dir = Path(run.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"output_dir: {output_dir} is a file; give a folder (it will hold checkpoints and the head)")
+    if not resume and (output_dir / "head").exists():
+        raise ConfigError(f"output_dir: {output_dir} already holds a finished run; use --resume or a new output_dir")
+    checkpoints = _checkpoints(output_dir)
+    if resume and not checkpoints:
+        raise ConfigError(f"--resume: no checkpoint in {output_dir} to resume from; run without --resume to start")
+    if not resume and checkpoints:
+        raise ConfigError(f"output_dir: {output_dir} holds checkpoints of an unfinished run ({checkpoints[-1].name}); "
+                          "use --resume to continue it, or a new output_dir")
     tracker = _tracker(run.tracker, output_dir)
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # lets torchrun's processes form a gloo group on CPU
@@ -196,8 +206,6 @@ def train(run: RunConfig, *, resume: bool = False, cache_features: bool | None =
     is_main = accelerator.is_main_process
     if not is_main:
         log = lambda *_: None  # noqa: E731  (one voice: the main process)
-    if not resume and is_main and (output_dir / "head").exists():
-        raise ConfigError(f"output_dir: {output_dir} already holds a finished run; use --resume or a new output_dir")
     set_seed(tcfg.seed)
 
     config = run.fusion_config()
@@ -247,8 +255,7 @@ def train(run: RunConfig, *, resume: bool = False, cache_features: bool | None =
     eval_loader = accelerator.prepare_data_loader(DataLoader(eval_set, batch_size=tcfg.batch_size, collate_fn=collate))
 
     step = 0
-    checkpoints = _checkpoints(output_dir)
-    if resume and checkpoints:
+    if resume:
         accelerator.load_state(str(checkpoints[-1]))
         step = json.loads((checkpoints[-1] / "trainer_state.json").read_text())["step"]
         log(f"resumed from {checkpoints[-1]} at step {step}")

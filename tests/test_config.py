@@ -102,3 +102,51 @@ def test_config_round_trips_through_save_pretrained(tmp_path):
     cfg.save_pretrained(tmp_path)
     again = FusionConfig.from_pretrained(tmp_path)
     assert again.backbones == cfg.backbones and again.fusion == cfg.fusion and again.shared_width == 64
+
+
+def _sections():
+    """Every dataclass section of a run config with the fields a user writes."""
+    from fusion_llm.config import AdapterSpec, BackboneSpec, HeadSpec
+    from fusion_llm.runconfig import DataConfig, TrainConfig
+
+    filled = {"lora_modules", "num_hidden_layers", "hidden_size", "max_position_embeddings"}  # filled by the code
+    return [(cls, where, name, hint) for cls, where in ((BackboneSpec, "backbones[0]"), (AdapterSpec, "adapter"),
+                                                         (HeadSpec, "head"), (DataConfig, "data"), (TrainConfig, "train"))
+            for name, hint in __import__("typing").get_type_hints(cls).items() if name not in filled]
+
+
+def _wrong_value(hint) -> object:
+    text = str(hint)
+    if "dict" in text:
+        return ["not", "a", "mapping"]
+    if "list" in text:
+        return "not a list"
+    return {"not": "a scalar"} if "str" in text else "not a number" if ("int" in text or "float" in text) else 7
+
+
+@pytest.mark.parametrize("cls, where, name, hint", _sections(), ids=lambda v: v if isinstance(v, str) else None)
+def test_every_field_of_the_wrong_type_is_named(cls, where, name, hint):
+    """The whole schema, systematically: a value of the wrong type is one ConfigError naming section.field."""
+    from fusion_llm.config import _from_dict
+
+    base = {"name": "a", "model": "m"} if where.startswith("backbones") else {}
+    with pytest.raises(ConfigError, match=rf"^{__import__('re').escape(where)}\.{name}(\[\d+\])?: expected "):
+        _from_dict(cls, where, {**base, name: _wrong_value(hint)})
+
+
+def test_numbers_yaml_reads_as_strings_are_taken_and_non_finite_ones_refused(tmp_path):
+    """``lr: 3e-4`` (YAML 1.1 reads it as a string) is the number a user meant; nan / inf are refused."""
+    from fusion_llm.runconfig import build_run_config
+
+    model = {"backbones": [backbone(anchor=True)], "head": {"kind": "lm"}}
+    run = build_run_config({"model": model, "train": {"lr": "3e-4", "max_steps": 5.0}})
+    assert run.train.lr == 3e-4 and run.train.max_steps == 5 and isinstance(run.train.max_steps, int)
+    for bad, message in (({"lr": float("nan")}, "train.lr: expected a finite number"),
+                         ({"lr": "inf"}, "train.lr: expected a finite number"),
+                         ({"batch_size": 2.5}, "train.batch_size: expected an integer")):
+        with pytest.raises(ConfigError, match=message):
+            build_run_config({"model": model, "train": bad})
+    with pytest.raises(ConfigError, match="model.backbones: empty"):
+        build_run_config({"model": {"backbones": []}})
+    with pytest.raises(ConfigError, match="shared_width: expected an integer"):
+        build_run_config({"model": {**model, "shared_width": "wide"}})

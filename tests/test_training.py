@@ -190,6 +190,25 @@ def test_errors_are_one_line_with_exit_code_2(standin_paths, tmp_path, change, m
     assert not (tmp_path / "run" / "head").exists()
 
 
+def test_output_dir_states_are_refused_before_anything_loads(standin_paths, tmp_path):
+    """A file as output_dir, --resume with nothing to resume, and a fresh run over an unfinished run's
+    checkpoints: one ConfigError each, and nothing already there is touched."""
+    from fusion_llm.config import ConfigError
+
+    (tmp_path / "run").write_text("not a folder")
+    with pytest.raises(ConfigError, match="is a file"):
+        train(build_run_config(tiny(tmp_path)))
+    (tmp_path / "run").unlink()
+    with pytest.raises(ConfigError, match="--resume: no checkpoint"):
+        train(build_run_config(tiny(tmp_path)), resume=True)
+    stale = tmp_path / "run" / "checkpoints" / "step_000004"
+    stale.mkdir(parents=True)
+    (stale / "trainer_state.json").write_text('{"step": 4}')
+    with pytest.raises(ConfigError, match="checkpoints of an unfinished run"):
+        train(build_run_config(tiny(tmp_path)))
+    assert (stale / "trainer_state.json").read_text() == '{"step": 4}'
+
+
 def test_empty_dataset_is_refused(standin_paths, tmp_path):
     (tmp_path / "train.jsonl").write_text("")
     (tmp_path / "v.jsonl").write_text('{"text": "a", "label": 0}\n')

@@ -74,18 +74,23 @@ class RealPreset:
     pretrain_seq: int = 0
     gen_prompts: int = 1
     variants: tuple = ("deep",)  # fused variants (VARIANTS) trained with each anchor
+    control_lora_lrs: tuple = ()  # ((member, lr), ...): each LoRA control's own rate; default lora_lr
+
+    def control(self, member: str) -> "RealPreset":
+        """The preset of the LoRA control on ``member`` (its own learning rate)."""
+        return dataclasses.replace(self, lora_lr=dict(self.control_lora_lrs).get(member, self.lora_lr))
 
     def to_dict(self) -> dict:
         """The fields one stage's training reads (its cache recipe): which variants run is not one of them."""
         return {k: v for k, v in dataclasses.asdict(self).items()
-                if k != "variants" and not (k == "mixer_lr" and v is None)}
+                if k not in ("variants", "control_lora_lrs") and not (k == "mixer_lr" and v is None)}
 
 
 PRESETS = {
     "micro": RealPreset("micro", head_steps=4, head_batch=2, head_seq=32, eval_rows=2, val_rows=1, gen_tokens=4,
                         head_warmup=1),
     "quick": RealPreset("quick", head_steps=24, head_batch=8, head_seq=64, eval_rows=12, val_rows=4,
-                        gen_tokens=24, mixer_lr=1e-2),
+                        gen_tokens=24, mixer_lr=1e-2, control_lora_lrs=(("smol", 5e-3), ("gemma", 2e-3))),
     "full": RealPreset("full", head_steps=200, head_batch=8, head_seq=128, eval_rows=48, val_rows=16, gen_tokens=48,
                        head_warmup=10, variants=("late", "deep")),
 }
@@ -351,7 +356,7 @@ def run_real_track(preset: str, out_dir: Path, *, members: dict | None = None, w
                 f"{targets[name]:,})")
     jobs = [(f"fused-{v}", n, (task_fused, n, members, p, heads[(v, n)][0], cache))
             for v in p.variants for n in members]
-    jobs += [("lora", n, (task_lora, n, members, p, targets[n], cache)) for n in members]
+    jobs += [("lora", n, (task_lora, n, members, p.control(n), targets[n], cache)) for n in members]
     jobs += [("alone", n, (task_alone, n, members, p)) for n in members]
     results_by_job = {}
     started = time.perf_counter()
@@ -385,7 +390,8 @@ def run_real_track(preset: str, out_dir: Path, *, members: dict | None = None, w
         "config": p.to_dict(), "members": {n: [str(_resolve(m)), t] for n, (m, t) in members.items()},
         "eval_rows": p.eval_rows, "val_rows": p.val_rows,
         "schedule": (f"fusion head and LoRA: {p.head_steps} steps, batch {p.head_batch} x {p.head_seq} anchor "
-                     f"tokens, AdamW cosine, warmup {p.head_warmup}, lr {p.head_lr} head / {p.lora_lr} LoRA, "
+                     f"tokens, AdamW cosine, warmup {p.head_warmup}, lr {p.head_lr} head / {p.lora_lr} member adapters / "
+                     + ", ".join(f"{p.control(n).lora_lr} LoRA on {n}" for n in members) + ", "
                      "on the mixture"),
         "entries": entries, "stages": seconds, "wall_s": time.perf_counter() - wall,
     }
@@ -399,7 +405,7 @@ def sweep(preset: str, out_dir: Path, *, member: str = "smol", head_lrs=(3e-4, 1
           val_rows: int = 8, workers: int = 2, log=print) -> dict:
     """Learning rates of the fusion head (``member`` as anchor) and of LoRA on ``member``, each scored by its
     mixture bits/byte on ``val_rows`` validation rows per domain (no test row is read: one test row per domain
-    is scored and ignored, the entries need one). Writes ``real_sweep.json``."""
+    is scored and ignored, the entries need one). Writes ``real_sweep_<member>.json``."""
     p = dataclasses.replace(PRESETS[preset], eval_rows=1, val_rows=val_rows)
     cache = Path(out_dir) / "cache" / "real"
     cache.mkdir(parents=True, exist_ok=True)
@@ -419,7 +425,7 @@ def sweep(preset: str, out_dir: Path, *, member: str = "smol", head_lrs=(3e-4, 1
               for kind in ("head", "lora") if any(r["kind"] == kind for r in rows)}
     out = {"preset": preset, "member": member, "steps": p.head_steps, "val_rows": val_rows, "rows": rows,
            "chosen": chosen, "date": dt.datetime.now().isoformat(timespec="seconds")}
-    _write_json_atomic(Path(out_dir) / "real_sweep.json", out)
+    _write_json_atomic(Path(out_dir) / f"real_sweep_{member}.json", out)
     for r in rows:
         log(f"[sweep] {r['kind']} lr {r['lr']:g}: validation mixture {r['validation_bits_per_byte']:.4f} bits/byte")
     log(f"[sweep] chosen: {chosen}")
@@ -505,6 +511,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", action="store_true",
                         help="choose the head's and LoRA's learning rates on validation rows (SmolLM2 as anchor)")
     parser.add_argument("--sweep-head-only", action="store_true", help="with --sweep: the head's rates only")
+    parser.add_argument("--sweep-member", default="smol", choices=sorted(MEMBERS),
+                        help="with --sweep: the member LoRA goes on and the head's anchor (default smol)")
+    parser.add_argument("--head-lrs", type=float, nargs="*", default=None,
+                        help="with --sweep: the head's rates to try (default 3e-4 1e-3 3e-3; none: skip)")
+    parser.add_argument("--lora-lrs", type=float, nargs="*", default=None,
+                        help="with --sweep: LoRA's rates to try (default 5e-4 2e-3; none: skip)")
     parser.add_argument("--ablation", action="store_true",
                         help="probe: the head over SmolLM2's own taps only (what the other member adds)")
     parser.add_argument("--route-probe", action="store_true",
@@ -517,7 +529,9 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out) if args.out else ROOT / "results" / "compare_merges" / args.preset
     try:
         if args.sweep:
-            sweep(args.preset, out_dir, workers=args.workers, **({"lora_lrs": ()} if args.sweep_head_only else {}))
+            grids = {"head_lrs": args.head_lrs, "lora_lrs": () if args.sweep_head_only else args.lora_lrs}
+            sweep(args.preset, out_dir, member=args.sweep_member, workers=args.workers,
+                  **{k: tuple(v) for k, v in grids.items() if v is not None})
         elif args.ablation:
             ablation(args.preset, out_dir)
         elif args.route_probe:
