@@ -136,20 +136,27 @@ class FusionModel(nn.Module):
     def save_pretrained(self, path: str | Path) -> None:
         """Write config.json (backbones, taps, quantization, fingerprints) and the head's weights only.
 
-        Atomic: written to a temporary folder beside ``path`` and renamed into place.
+        Atomic: written to a temporary folder beside ``path`` and renamed into place; a head already at ``path``
+        is replaced only once the new one is complete, and put back if the final rename fails.
         """
         path = Path(path)
         self.config.fingerprints = {n: b.fingerprint for n, b in self._backbones.items()}
         self.head.config = self.config
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+        old = path.with_name(f".{path.name}-old")
         try:
             self.head.save_pretrained(tmp)
-            old = path.with_name(f".{path.name}-old")
-            if path.exists():
+            replaced = path.exists()
+            if replaced:
                 shutil.rmtree(old, ignore_errors=True)
                 path.rename(old)
-            tmp.rename(path)
+            try:
+                tmp.rename(path)
+            except BaseException:
+                if replaced:
+                    old.rename(path)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -150,5 +150,25 @@ def test_save_is_atomic_over_an_existing_head(four_backbones, standin_paths, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["head"]
 
 
+def test_a_failed_final_rename_puts_the_old_head_back(four_backbones, standin_paths, tmp_path, monkeypatch):
+    import pathlib
+
+    model = make_model(four_backbones, standin_paths)
+    model.save_pretrained(tmp_path / "head")
+    before = (tmp_path / "head" / "model.safetensors").read_bytes()
+    rename = pathlib.Path.rename
+
+    def failing(self, target):  # the new head's move into place fails (say, a full disk on a network mount)
+        if self.name.startswith(".head-") and not self.name.endswith("-old"):
+            raise OSError("rename failed")
+        return rename(self, target)
+
+    monkeypatch.setattr(pathlib.Path, "rename", failing)
+    with pytest.raises(OSError):
+        model.save_pretrained(tmp_path / "head")
+    assert (tmp_path / "head" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["head"]
+
+
 def test_every_registered_fusion_is_covered():
     assert set(available_fusions()) == {"concat", "weighted", "gated", "attention"}
