@@ -192,41 +192,20 @@ class FrozenBackbone:
         raise ValueError(f"backbone {self.name!r}: packed source tails need attention 'sdpa' or 'eager', "
                          f"not {kind!r}; set head.source_tails: false")
 
-    def lm_logits(self, hidden: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The anchor's own output: final norm, LM head and (Gemma-2) logit soft-capping, on a pre-norm state.
 
         Not under no_grad: the weights are frozen, but gradients flow through them to the fused residual.
 
         Args:
             hidden: (..., H) pre-norm hidden states.
-            scale: (..., 1) optional factor of the logits; applied to the normed state when the output layer
-                is linear (no soft-capping, no bias), which spares a pass over the (..., vocab) logits.
         """
         if self.lm_head is None:
             raise ValueError(f"backbone {self.name!r} was loaded without its LM head (load it with_lm_head=True)")
-        normed = self.final_norm(hidden)
-        linear = getattr(getattr(self.lm_head, "base_layer", self.lm_head), "bias", None) is None
-        early = scale is not None and linear and not self.logit_softcap
-        logits = self.lm_head(normed * scale.to(normed.dtype) if early else normed)
+        logits = self.lm_head(self.final_norm(hidden))
         if self.logit_softcap:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
-        return logits * scale.to(logits.dtype) if scale is not None and not early else logits
-
-    @torch.no_grad()
-    def lm_log_probs(self, hidden: torch.Tensor, rows: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-        """Frozen next-token log-probabilities (float32, (..., vocab)) and their entropy (nats, (...)).
-
-        The log-softmax runs in place, a few rows at a time, so no (..., vocab) tensor besides the result is
-        built (with a 262k vocabulary each one is half a gigabyte per 512 positions).
-        """
-        out = self.lm_logits(hidden).float()
-        flat = out.view(-1, out.shape[-1])
-        entropy = torch.empty(flat.shape[0], device=out.device)
-        for i in range(0, flat.shape[0], rows):
-            chunk = flat[i:i + rows]
-            chunk.sub_(chunk.logsumexp(-1, keepdim=True))
-            entropy[i:i + rows] = -(chunk.exp() * chunk).sum(-1)
-        return out, entropy.view(out.shape[:-1])
+        return logits
 
 
 def loaded_depth(spec: BackboneSpec, with_lm_head: bool) -> int:

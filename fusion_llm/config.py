@@ -123,6 +123,7 @@ class BackboneSpec:
             own weights stay frozen and bit-identical, gradients flow through them as in QLoRA. 0 = none.
         lora_alpha: LoRA scale numerator (the update is ``B @ A * lora_alpha / lora_rank``); default
             ``2 * lora_rank``, the LoRA recipe of the benchmarks' control.
+        lora_lr: learning rate of this backbone's member adapters; default ``train.member_lr``.
         lora_modules: filled in when the head is built: ``{module path: [in_features, out_features]}``.
         num_hidden_layers, hidden_size, max_position_embeddings: filled from the model's config
             when it can be read; used to validate taps and to build the head without the backbone.
@@ -140,6 +141,7 @@ class BackboneSpec:
     max_length: int | None = None
     lora_rank: int = 0
     lora_alpha: float | None = None
+    lora_lr: float | None = None
     lora_modules: dict | None = None
     num_hidden_layers: int | None = None
     hidden_size: int | None = None
@@ -168,6 +170,9 @@ class BackboneSpec:
         if self.lora_alpha is not None and (isinstance(self.lora_alpha, bool)
                                             or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0):
             raise ConfigError(f"{where}.lora_alpha: expected a positive number, got {self.lora_alpha!r}")
+        if self.lora_lr is not None and (isinstance(self.lora_lr, bool)
+                                         or not isinstance(self.lora_lr, (int, float)) or not self.lora_lr > 0):
+            raise ConfigError(f"{where}.lora_lr: expected a positive number, got {self.lora_lr!r}")
         if self.num_hidden_layers is None:
             self.resolve_model_config()
         if self.num_hidden_layers is not None:

@@ -6,10 +6,12 @@ re-tokenized with its own tokenizer and re-aligned with the causal rule of `fusi
 every step, so the fused feature at anchor position ``t`` depends only on the text through anchor
 token ``t`` - exactly as in `FusionModel.lm_forward`, which greedy decoding reproduces token for token.
 
-Sources are recomputed, not cached: with ``head.source_tails`` (the default) a source runs over its own
-tokenization of the anchor's prefix at every step where that changed; without, over its settled tokens
-whenever a new one settles (a settled token never changes, so otherwise its previous feature is reused). `GenerationOutput.timings` splits the time between the anchor, the
-sources (tokenization + alignment + forward) and the head.
+Each source keeps a KV cache per prompt over its *settled* tokens (they never change once settled: that is what
+settled means). At a step it runs only the tokens that settled since the last step, appended to the cache, and,
+with ``head.source_tails`` (the default), the unsettled tail of its tokenization of the anchor's prefix on top of
+the cache, which is then cropped off again. A step's source cost is a few tokens, not the whole prefix.
+`GenerationOutput.timings` splits the time between the anchor, the sources (tokenization + alignment + forward)
+and the head.
 
 Text of a generated token: the continuation is what the anchor tokenizer decodes for the prompt's
 ids followed by the generated ids, minus what it decodes for the prompt's ids alone; an incomplete
@@ -19,12 +21,13 @@ such a token has zero width until the token completing the character arrives.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from fusion_llm.alignment import align_source, causal_char_ends, prefix_tokens
+from fusion_llm.alignment import causal_char_ends, settled_split
 from fusion_llm.heads import add_residual, mixed_logits
 
 
@@ -103,31 +106,120 @@ def _stop_ids(tokenizer, stop_tokens) -> set[int]:
     return ids
 
 
-def _next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
-                 generator: torch.Generator | None) -> torch.Tensor:
-    """(B, V) logits -> (B,) ids: argmax, or a draw from softmax(logits / temperature) over the top k."""
-    if not do_sample:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+def generation_parts(config, tokenizer, prompt_width: int, eos_ids: set[int], logits_processor=None,
+                     stopping_criteria=None):
+    """transformers' own logits processors and stopping criteria for a `GenerationConfig`, as ``generate`` of a
+    transformers model builds them: repetition penalty and minimum new tokens always, temperature, top-k and
+    top-p when sampling (unset fields are off); stop at ``eos_ids`` and at ``stop_strings``; then the caller's
+    own lists."""
+    from transformers import (EosTokenCriteria, LogitsProcessorList, MinNewTokensLengthLogitsProcessor,
+                              RepetitionPenaltyLogitsProcessor, StoppingCriteriaList, StopStringCriteria,
+                              TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+    processors = LogitsProcessorList()
+    if config.repetition_penalty not in (None, 1.0):
+        processors.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
+    if config.min_new_tokens and eos_ids:
+        processors.append(MinNewTokensLengthLogitsProcessor(prompt_width, config.min_new_tokens, sorted(eos_ids)))
+    if config.do_sample:
+        if config.temperature not in (None, 1.0):
+            processors.append(TemperatureLogitsWarper(config.temperature))
+        if config.top_k:
+            processors.append(TopKLogitsWarper(config.top_k))
+        if config.top_p not in (None, 1.0):
+            processors.append(TopPLogitsWarper(config.top_p))
+    processors.extend(logits_processor or [])
+    criteria = StoppingCriteriaList()
+    if eos_ids:
+        criteria.append(EosTokenCriteria(eos_token_id=sorted(eos_ids)))
+    if config.stop_strings:
+        criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=config.stop_strings))
+    criteria.extend(stopping_criteria or [])
+    return processors, criteria
+
+
+def _generation_config(generation_config, kwargs: dict):
+    from transformers import GenerationConfig
+
+    config = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
+    unknown = config.update(**kwargs)
+    if unknown:
+        raise TypeError(f"generate() got unexpected arguments {sorted(unknown)}")
+    if config.max_new_tokens is None:
+        config.max_new_tokens = 32
+    if config.max_new_tokens < 0:
+        raise ValueError("give at least one prompt and max_new_tokens >= 0")
+    if (config.num_beams or 1) > 1:
+        raise ValueError("beam search is not supported by fused generation: use num_beams=1")
+    if config.do_sample and config.temperature is not None and config.temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {config.temperature}")
+    return config
+
+
+@dataclass
+class _SourceState:
+    """One prompt's view of one source: a KV cache over its settled tokens (they never change once settled),
+    the taps at the last of them, and the feature of the token sequence it saw last."""
+
+    ids: list[int] = field(default_factory=list)  # the settled ids in ``cache``
+    cache: object = None
+    last: list | None = None  # [tap (H,) per layer] at the last settled token
+    key: tuple | None = None  # the source's token sequence of the prefix at the last call ...
+    feats: list | None = None  # ... and its feature (None: no source token yet)
 
 
 class _SourceFeatures:
     """Per prompt and source: the taps at the source's token for the last anchor position (the end of its
-    tokenization of the anchor's prefix with ``source_tails``, else the last settled token), recomputed only
-    when that token sequence changes."""
+    tokenization of the anchor's prefix with ``source_tails``, else the last settled token).
+
+    Each source keeps a KV cache per prompt over its settled tokens, so a step runs only the tokens that settled
+    since the last step plus the unsettled tail (which is run on top of the cache and then cropped off it): the
+    cost of a step does not grow with the length of the text."""
 
     def __init__(self, model, batch: int):
         anchor = model.anchor.name
         self.model = model
         self.sources = {n: b for n, b in model.backbones.items() if n != anchor}
-        self.cached = {n: [None] * batch for n in self.sources}  # (key, [tap (H,) per layer]) or None
+        self.state = {n: [_SourceState() for _ in range(batch)] for n in self.sources}
         self.tails = model.config.head_spec.source_tails
         self.predictions = model.config.head_spec.source_predictions  # the last layer too, for the source's LM head
-        self.runs = 0
+        self.runs = 0  # source forward passes
+        self.restarts = 0  # caches rebuilt because a settled token changed (never, by the settle rule)
+
+    def _layers(self, backbone) -> list[int]:
+        return backbone.spec.resolved_taps() + ([backbone.spec.num_hidden_layers] if self.predictions else [])
+
+    def _run(self, backbone, state: _SourceState, ids: list[int]) -> list[torch.Tensor]:
+        """Run ``ids`` on top of the cached settled tokens (appending them to the cache); [(L, H)] per layer."""
+        from transformers import DynamicCache
+
+        if state.cache is None:
+            state.cache = DynamicCache(config=backbone.model.config)
+            state.cache.activate_past_recording()  # sliding-window layers keep what a crop may need to restore
+        start = len(state.ids)
+        layers = self._layers(backbone)
+        device = backbone.device
+        out = backbone.model(input_ids=torch.tensor([ids], device=device),
+                             position_ids=torch.arange(start, start + len(ids), device=device).unsqueeze(0),
+                             cache=state.cache, use_cache=True, output_hidden_states=sorted(set(layers)))
+        self.runs += 1
+        return [out.hidden_states[layer][0] for layer in layers]
+
+    def _advance(self, backbone, state: _SourceState, seq: list[int], settled: int) -> list | None:
+        """One forward over the tokens settled since the last call and the tail after them; the tail is cropped
+        off the cache again (it is not settled: it may change with the next anchor token)."""
+        if seq[: len(state.ids)] != state.ids:  # a settled token changed: start this prompt's cache again
+            self.restarts += 1
+            state.ids, state.cache, state.last = [], None, None
+        new, tail = seq[len(state.ids):settled], seq[settled:]
+        if not new and not tail:
+            return state.last
+        taps = self._run(backbone, state, new + tail)
+        state.cache.crop(-len(tail))  # also brings sliding-window layers back to their working size
+        state.ids = state.ids + new
+        if new:
+            state.last = [t[len(new) - 1] for t in taps]
+        return [t[-1] for t in taps] if tail else state.last
 
     @torch.no_grad()
     def at_last_position(self, rows: list[int], texts: dict[int, str], offsets: dict[int, list]) -> dict:
@@ -135,63 +227,41 @@ class _SourceFeatures:
         ``head.source_predictions``, the source's last layer comes after its taps)."""
         out = {}
         for name, backbone in self.sources.items():
-            todo = {}
-            for r in rows:
-                if self.tails:  # the source's own tokens of exactly the anchor's prefix (settled + tail)
-                    end = int(causal_char_ends(offsets[r], len(texts[r]))[-1])
-                    seq = prefix_tokens(backbone.tokenizer, texts[r][:end])
-                    key, j = tuple(seq), len(seq) - 1
-                else:  # the last settled token
-                    ids, index = align_source(texts[r], offsets[r], backbone.tokenizer)
-                    j = index[-1]
-                    seq, key = ids[: j + 1], j
-                cached = self.cached[name][r]
-                if j >= 0 and (cached is None or cached[0] != key):
-                    todo[r] = (seq, j, key)
-                elif j < 0:
-                    self.cached[name][r] = (key, None)
-            if todo:  # one right-padded batch of every prompt whose settled source prefix grew
-                order = list(todo)
-                length = max(len(todo[r][0]) for r in order)
-                pad = backbone.tokenizer.pad_token_id or 0
-                ids = torch.full((len(order), length), pad, dtype=torch.long)
-                mask = torch.zeros((len(order), length), dtype=torch.long)
-                for i, r in enumerate(order):
-                    ids[i, : len(todo[r][0])] = torch.tensor(todo[r][0])
-                    mask[i, : len(todo[r][0])] = 1
-                layers = backbone.spec.resolved_taps() + ([backbone.spec.num_hidden_layers] if self.predictions else [])
-                taps = backbone.taps(ids, mask, layers=layers)  # [(n, S, H)] per tap layer (and the last layer)
-                self.runs += 1
-                for i, r in enumerate(order):
-                    _, j, key = todo[r]
-                    self.cached[name][r] = (key, [t[i, j] for t in taps])
-            hidden = backbone.hidden_size
-            layers = len(backbone.spec.tap_layers) + int(self.predictions)
+            layers = len(self._layers(backbone))
             taps, index = [], []
             for r in rows:
-                j, feats = self.cached[name][r]
-                index.append(0 if feats is not None else -1)
-                taps.append(feats if feats is not None else [torch.zeros(hidden)] * layers)
+                end = int(causal_char_ends(offsets[r], len(texts[r]))[-1])
+                seq, settled = settled_split(texts[r][:end], backbone.tokenizer)
+                if not self.tails:  # the last settled token only
+                    seq = seq[:settled]
+                state = self.state[name][r]
+                if state.key != tuple(seq):
+                    state.feats, state.key = self._advance(backbone, state, seq, settled), tuple(seq)
+                index.append(0 if state.feats is not None else -1)
+                taps.append(state.feats if state.feats is not None else [torch.zeros(backbone.hidden_size)] * layers)
             out[name] = ([torch.stack([t[k] for t in taps]).unsqueeze(1) for k in range(layers)],  # (n, 1, H)
                          torch.tensor(index).unsqueeze(1))  # (n, 1)
         return out
 
 
 @torch.no_grad()
-def generate(model, prompts: list[str] | str, max_new_tokens: int = 32, do_sample: bool = False,
-             temperature: float = 1.0, top_k: int | None = None, stop_tokens=None,
-             seed: int | None = None) -> GenerationOutput:
-    """Continue each prompt with the fused LM (anchor's vocabulary), greedily or by sampling.
+def generate(model, prompts: list[str] | str, generation_config=None, *, streamer=None, logits_processor=None,
+             stopping_criteria=None, stop_tokens=None, seed: int | None = None, **kwargs) -> GenerationOutput:
+    """Continue each prompt with the fused LM (anchor's vocabulary), greedily or by sampling, the way
+    ``generate`` of a transformers model does.
 
     Args:
         model: a `FusionModel` with an LM head (``head.kind: lm``).
         prompts: one prompt or a list (batched; left-padded for the anchor).
-        max_new_tokens: most tokens generated per prompt.
-        do_sample: sample from the fused distribution instead of taking the argmax.
-        temperature: divides the logits before sampling (> 0).
-        top_k: sample among the k most likely tokens only.
+        generation_config: a transformers `GenerationConfig` (``max_new_tokens`` (default 32),
+            ``min_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``,
+            ``stop_strings``, ``eos_token_id``); keyword arguments override its fields, as in transformers.
+        streamer: a transformers streamer (``TextStreamer``, ``TextIteratorStreamer``): it receives the prompt's
+            ids, then each new token as it is chosen (one prompt at a time, as in transformers).
+        logits_processor, stopping_criteria: extra transformers ``LogitsProcessor`` / ``StoppingCriteria``,
+            applied after the ones the config implies (`generation_parts`).
         stop_tokens: anchor token ids or token strings that end a prompt's generation (the stop token is
-            kept); default the anchor's EOS; ``[]`` never stops early.
+            kept); default the config's ``eos_token_id``, else the anchor's EOS; ``[]`` never stops early.
         seed: seeds the sampling generator (reproducible draws without touching the global RNG).
 
     Returns:
@@ -202,13 +272,18 @@ def generate(model, prompts: list[str] | str, max_new_tokens: int = 32, do_sampl
         raise ValueError("generate needs an LM fusion model (head.kind: lm, anchor loaded with its LM head)")
     if isinstance(prompts, str):
         prompts = [prompts]
-    if not prompts or max_new_tokens < 0:
+    config = _generation_config(generation_config, kwargs)
+    if not prompts:
         raise ValueError("give at least one prompt and max_new_tokens >= 0")
-    if do_sample and temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+    if streamer is not None and len(prompts) > 1:
+        raise ValueError("a streamer takes one prompt at a time (as in transformers): generate one prompt per call")
+    max_new_tokens, do_sample = config.max_new_tokens, bool(config.do_sample)
     started = time.perf_counter()
     timings = dict.fromkeys(("anchor", "sources", "head", "sampling"), 0.0)
     tokenizer = anchor.tokenizer
+    if stop_tokens is None and config.eos_token_id is not None:
+        eos = config.eos_token_id
+        stop_tokens = list(eos) if isinstance(eos, (list, tuple)) else [eos]
     stops = _stop_ids(tokenizer, stop_tokens)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     head = model.head_module
@@ -227,6 +302,9 @@ def generate(model, prompts: list[str] | str, max_new_tokens: int = 32, do_sampl
     for i, x in enumerate(prompt_ids):
         ids[i, width - len(x):] = torch.tensor(x)
         mask[i, width - len(x):] = 1
+    processors, criteria = generation_parts(config, tokenizer, width, stops, logits_processor, stopping_criteria)
+    if streamer is not None:
+        streamer.put(ids[:, width - len(prompt_ids[0]):])
 
     anchor_taps = anchor.spec.resolved_taps()
     last_layer = anchor.spec.num_hidden_layers
@@ -259,25 +337,32 @@ def generate(model, prompts: list[str] | str, max_new_tokens: int = 32, do_sampl
                 *taps, source_last[name] = taps
             features[name], alignment[name] = [t.to(device) for t in taps], index.to(device)
         last = hidden[last_layer][rows]
-        confidence = corrections = None
+        confidence = tops = None
         if sources.predictions:
-            corrections, confidence = model.source_predictions(source_last, alignment, *anchor.lm_log_probs(last))
+            tops, confidence = model.source_predictions(source_last, alignment)
         head_out = head(features, confidence=confidence, alignment=alignment)
         residual = head_out.logits  # (n, 1, anchor hidden)
         hidden = add_residual(last, residual.to(last.device), model.config.head)
+        logits = anchor.lm_logits(hidden)
         if sources.predictions:
-            logits = mixed_logits(anchor, hidden, head_out.mix, corrections)
-        else:
-            logits = anchor.lm_logits(hidden)
+            logits = mixed_logits(logits, head_out.mix, model.source_corrections(tops, logits))
         logits = logits[:, -1]  # (n, V)
         t3 = time.perf_counter()
-        chosen = _next_tokens(logits, do_sample, temperature, top_k, generator).cpu()
+        so_far = torch.cat(sequence, dim=1)
+        scores = processors(so_far[rows], logits.float())
+        if do_sample:
+            chosen = torch.multinomial(torch.softmax(scores, -1), 1, generator=generator).squeeze(-1).cpu()
+        else:
+            chosen = scores.argmax(-1).cpu()
         column = torch.full((batch,), pad, dtype=torch.long)
         column[rows] = chosen
+        if streamer is not None:
+            streamer.put(chosen)
+        finished = criteria(torch.cat([so_far[rows], chosen.unsqueeze(1)], dim=1), scores)
         still = []
-        for r, token in zip(active, chosen.tolist()):
+        for r, token, done in zip(active, chosen.tolist(), finished.tolist()):
             new_tokens[r].append(token)
-            if token in stops:
+            if done:
                 continue
             still.append(r)
             # The same spans as text_and_offsets, one token at a time.
@@ -299,7 +384,9 @@ def generate(model, prompts: list[str] | str, max_new_tokens: int = 32, do_sampl
         positions = positions[:, -1:] + 1
 
     head.train(head_was_training)
+    if streamer is not None:
+        streamer.end()
     texts_out = [continuation_text(tokenizer, prompt_ids[i], new_tokens[i]) for i in range(batch)]
-    timings.update(total=time.perf_counter() - started, source_runs=sources.runs,
+    timings.update(total=time.perf_counter() - started, source_runs=sources.runs, source_restarts=sources.restarts,
                    generated_tokens=sum(len(x) for x in new_tokens))
     return GenerationOutput(torch.cat(sequence, dim=1), new_tokens, texts_out, timings)

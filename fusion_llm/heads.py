@@ -147,7 +147,7 @@ class FusionHead(PreTrainedModel):
             self.residual = AnchorResidualHead(width, anchor.hidden_size, head.dropout)
             if head.source_predictions:
                 sources = len(specs) - 1
-                self.mixer = PredictionMixer(width + 2 * sources + 1, 1 + sources)
+                self.mixer = PredictionMixer(width + 2 * sources, 1 + sources)
         adapted = [s for s in specs if s.lora_rank]
         if adapted:  # member adapters (fusion_llm.member_lora): LoRA inside a backbone, owned by the head
             for s in adapted:
@@ -200,7 +200,7 @@ class FusionHead(PreTrainedModel):
         trainable parameter is used inside this call, as DistributedDataParallel needs. With
         ``head.source_predictions`` it also returns ``mix`` (B, T, 1 + sources), the log-linear weights of the
         anchor's logits and each source's predictions, from the fused feature and ``confidence`` (B, T,
-        2 * sources + 1: the anchor's and each source's entropy, and whether each source has a position yet).
+        2 * sources: each source's entropy, and whether it has a position yet).
         """
         if alignment is not None:
             features = {n: self.align(n, taps, alignment[n]) if n in alignment else taps
@@ -227,25 +227,22 @@ def add_residual(last: torch.Tensor, residual: torch.Tensor, head: dict) -> torc
     return last + residual.to(last.dtype)
 
 
-def mixed_logits(anchor: FrozenBackbone, hidden: torch.Tensor, mix: torch.Tensor,
+def mixed_logits(logits: torch.Tensor, mix: torch.Tensor,
                  corrections: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """Log-linear mix of the anchor and each source: ``(1 + mix_0) * logits + sum_i mix_i * log p_i``.
 
     With ``log p_i = logits + correction_i`` up to a per-position constant (which a softmax ignores), that is
-    ``(1 + sum(mix)) * logits + sum_i mix_i * correction_i``. The factor goes into the anchor's output layer
-    (`FrozenBackbone.lm_logits`) and each correction is sparse, added where it is not zero only: no pass over
-    the (B, T, V) logits besides the output layer's own.
+    ``(1 + sum(mix)) * logits + sum_i mix_i * correction_i``. Each correction is sparse and added where it is not
+    zero only: one pass over the (B, T, V) logits (the scaling) besides the output layer's own.
 
     Args:
-        anchor: the anchor backbone (its output layer).
-        hidden: (B, T, H) the anchor's (residual-adjusted) last hidden state.
-        mix: (B, T, 1 + S) weights, zero at initialisation (then the result is the anchor's logits exactly).
+        logits: (B, T, V) the (adapted) anchor's logits, with grad (`FrozenBackbone.lm_logits`).
+        mix: (B, T, 1 + S) weights, zero at initialisation (then the result is ``logits`` exactly).
         corrections: per source, ``(keys, values)``: distinct indices into the flattened (B * T, V) logits and
-            the source's log-probabilities relative to the anchor's there (`FusionModel.source_predictions`).
+            the source's log-probabilities relative to the anchor's there (`FusionModel.source_corrections`).
     """
-    mix = mix.to(hidden.device)
-    out = anchor.lm_logits(hidden, scale=1 + mix.sum(-1, keepdim=True))
-    flat, rows, size = out.view(-1), mix.flatten(0, 1).to(out.dtype), out.shape[-1]
+    out = logits * (1 + mix.to(logits.device, logits.dtype).sum(-1, keepdim=True))
+    flat, rows, size = out.view(-1), mix.flatten(0, 1).to(out.device, out.dtype), out.shape[-1]
     for i, (keys, values) in enumerate(corrections):
         keys = keys.to(out.device)
         flat.index_add_(0, keys, rows[keys // size, 1 + i] * values.to(out.device, out.dtype))

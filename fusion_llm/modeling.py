@@ -241,15 +241,16 @@ class FusionModel(nn.Module):
                 if self.config.head.get("source_lm_loss") and backbone.trainable:
                     member_losses.append(own_token_loss(backbone, source_last[name], src))
             features[name] = [t.to(device) for t in taps]
-        confidence = corrections = None
+        confidence = tops = None
         if predictions:
-            corrections, confidence = self.source_predictions(source_last, alignment,
-                                                              *anchor.lm_log_probs(anchor_last.detach()))
+            tops, confidence = self.source_predictions(source_last, alignment)
         out = self.head(features, confidence=confidence,
                         alignment={n: a.to(device) for n, a in alignment.items() if n in features})
         residual = out.logits  # (B, T, anchor hidden), zero at initialisation
         hidden = add_residual(anchor_last.to(device), residual, self.config.head)
-        logits = mixed_logits(anchor, hidden, out.mix, corrections) if predictions else anchor.lm_logits(hidden)
+        logits = anchor.lm_logits(hidden)
+        if predictions:
+            logits = mixed_logits(logits, out.mix, self.source_corrections(tops, logits.detach()))
         if labels is None:
             ids = enc["input_ids"].to(logits.device)
             labels = ids.masked_fill(enc["attention_mask"].to(logits.device) == 0, -100)
@@ -260,43 +261,56 @@ class FusionModel(nn.Module):
         return FusionOutput(loss=loss, logits=logits, member_loss=member_loss)
 
     @torch.no_grad()
-    def source_predictions(self, source_last: dict[str, torch.Tensor], alignment: dict[str, torch.Tensor],
-                           anchor_log_probs: torch.Tensor, anchor_entropy: torch.Tensor
-                           ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
-        """Each source's next-token distribution at its aligned position, carried onto the anchor's vocabulary.
+    def source_predictions(self, source_last: dict[str, torch.Tensor], alignment: dict[str, torch.Tensor]
+                           ) -> tuple[dict[str, tuple[torch.Tensor, ...]], torch.Tensor]:
+        """Each source's most likely next tokens at its aligned position (its own frozen output layer).
 
         Args:
             source_last: source name -> (B, S, H) its last-layer (pre-norm) hidden states.
             alignment: source name -> (B, T) index into S per anchor position (-1: no source token yet).
-            anchor_log_probs, anchor_entropy: (B, T, V) the anchor's own next-token log-probabilities (frozen) and
-                (B, T) their entropy (`FrozenBackbone.lm_log_probs`).
 
         Returns:
-            ``(corrections, confidence)``: per source, its log-probabilities minus the anchor's, up to a
-            per-position constant (`fusion_llm.vocab_bridge`), kept sparse as ``(keys, values)`` over the
-            flattened (B * T, V) logits (nothing where the source has no position yet), and
-            (B, T, 2 * sources + 1) the anchor's and each source's entropy (nats) and whether each source has a
-            position.
+            ``(tops, confidence)``: per source ``(log_probs, ids, valid)``, (B * T, k) its top-k log-probabilities
+            and token ids (`fusion_llm.vocab_bridge.top_log_probs`) and (B * T,) whether it has a position yet;
+            and (B, T, 2 * sources) each source's entropy (nats) and whether it has a position, for the mixer.
         """
-        anchor = self.anchor
         device = self.head_module.device
-        anchor_log_probs = anchor_log_probs.to(device)
-        b, t, v = anchor_log_probs.shape
-        entropies = [anchor_entropy.to(device)]
-        valids, corrections = [], []
+        tops, entropies, valids = {}, [], []
         for name, hidden in source_last.items():
             backbone = self._backbones[name]
             index = alignment[name].to(hidden.device)
             valid = (index >= 0).to(device)  # (B, T)
             gathered = hidden.gather(1, index.clamp_min(0).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-            bridge = bridge_for(backbone, anchor)
-            top, ids, entropy = top_log_probs(backbone, gathered.flatten(0, 1), bridge.top_k)  # (B*T, k)
-            keys, values = bridge.sparse_correction(top.to(device), ids.to(device), anchor_log_probs.flatten(0, 1))
-            present = valid.flatten()[keys // v]
-            corrections.append((keys[present], values[present]))
-            entropies.append(entropy.to(device).view(b, t).masked_fill(~valid, 0.0))
+            top, ids, entropy = top_log_probs(backbone, gathered.flatten(0, 1), bridge_for(backbone, self.anchor).top_k)
+            tops[name] = (top.to(device), ids.to(device), valid.flatten())
+            entropies.append(entropy.to(device).view(valid.shape).masked_fill(~valid, 0.0))
             valids.append(valid.float())
-        return corrections, torch.stack(entropies + valids, dim=-1)
+        return tops, torch.stack(entropies + valids, dim=-1)
+
+    @torch.no_grad()
+    def source_corrections(self, tops: dict[str, tuple[torch.Tensor, ...]], anchor_logits: torch.Tensor,
+                           rows: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each source's predictions (`source_predictions`) carried onto the anchor's vocabulary, as corrections to
+        the anchor's own distribution (`fusion_llm.vocab_bridge`).
+
+        Args:
+            anchor_logits: (B, T, V) the fused model's anchor logits before the mix (detached): the distribution
+                the mass outside a source's top-k is spread like. Normalised lazily: only its logsumexp per
+                position is computed (``rows`` positions at a time), no (B, T, V) copy.
+
+        Returns:
+            per source, ``(keys, values)``: the correction kept sparse over the flattened (B * T, V) logits
+            (nothing where the source has no position yet).
+        """
+        flat = anchor_logits.reshape(-1, anchor_logits.shape[-1])
+        lse = torch.cat([flat[i:i + rows].float().logsumexp(-1) for i in range(0, flat.shape[0], rows)])
+        out = []
+        for name, (top, ids, valid) in tops.items():
+            bridge = bridge_for(self._backbones[name], self.anchor)
+            keys, values = bridge.sparse_correction(top, ids, flat, lse)
+            present = valid[keys // flat.shape[-1]]
+            out.append((keys[present], values[present]))
+        return out
 
     def generate(self, prompts: list[str] | str, **kwargs):
         """Generate with an LM fusion model: the anchor decodes with its KV cache, the other backbones see the

@@ -114,8 +114,12 @@ def _epoch_loader(dataset, epoch: int, seed: int, batch_size: int, collate, acce
 
 
 def _param_groups(head, tcfg) -> list[dict]:
-    """The head's parameters, with the member adapters and the prediction mixer in groups of their own rate."""
-    parts = [(getattr(head, "members", None), tcfg.member_lr), (getattr(head, "mixer", None), tcfg.mixer_lr)]
+    """The head's parameters, with the member adapters (each backbone's ``lora_lr``, else ``train.member_lr``) and
+    the prediction mixer in groups of their own rate."""
+    members = getattr(head, "members", None) or {}
+    rates = {b["name"]: b.get("lora_lr") for b in head.config.backbones}
+    parts = [(module, rates.get(name) or tcfg.member_lr) for name, module in members.items()]
+    parts.append((getattr(head, "mixer", None), tcfg.mixer_lr))
     groups, taken = [], set()
     for module, lr in parts:
         if module is not None and lr is not None:

@@ -134,8 +134,8 @@ class VocabBridge:
         self.mapped = torch.tensor([b is not None for b in anc])  # (V_anchor,)
 
     @torch.no_grad()
-    def sparse_correction(self, top_log_probs: torch.Tensor, top_ids: torch.Tensor,
-                          anchor_log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def sparse_correction(self, top_log_probs: torch.Tensor, top_ids: torch.Tensor, anchor_log_probs: torch.Tensor,
+                          anchor_lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The source's distribution in the anchor's vocabulary, as a correction to ``log(rest * P_anchor)``,
         kept sparse: the correction is zero except where the top-k's mass lands (at most ``k * (1 + C)`` anchor
         tokens per position), so a (N, V_anchor) tensor is never built.
@@ -143,7 +143,9 @@ class VocabBridge:
         Args:
             top_log_probs, top_ids: (N, k) the source's most likely next tokens and their log-probabilities
                 (`top_log_probs`).
-            anchor_log_probs: (N, V_anchor) the anchor's own (frozen) next-token log-probabilities.
+            anchor_log_probs: (N, V_anchor) the anchor's own next-token log-probabilities; or its logits, with
+                ``anchor_lse`` (N,) their logsumexp (then no normalised (N, V_anchor) copy is needed: only the
+                entries read here are normalised).
 
         Returns:
             ``(keys, values)``: (U,) distinct indices into the flattened (N, V_anchor) correction
@@ -151,10 +153,11 @@ class VocabBridge:
         """
         n, size = top_ids.shape[0], self.anchor_size
         anchor_log_probs = anchor_log_probs[:, :size]
+        lse = torch.zeros(n, device=anchor_log_probs.device) if anchor_lse is None else anchor_lse.float()
         top_p = top_log_probs.float().exp()
         extensions = self.anchor_extensions[top_ids].long()  # (n, k, C), anchor_size = padding
         ext_p = anchor_log_probs.gather(1, extensions.clamp_max(size - 1).flatten(1)).view(extensions.shape)
-        ext_p = ext_p.float().exp_().masked_fill_(extensions == size, 0.0)
+        ext_p = (ext_p.float() - lse.view(n, 1, 1)).exp_().masked_fill_(extensions == size, 0.0)
         z = ext_p.sum(-1, keepdim=True)  # (n, k, 1) anchor mass on the tokens that spell u or extend it
         shared = z.squeeze(-1) > 0  # (n, k) u's mass is shared among its extensions, else all on its first token
         first = self.first_anchor[top_ids]  # (n, k), anchor_size = no anchor token spells u's start (mass -> rest)
@@ -166,7 +169,8 @@ class VocabBridge:
         keys, inverse = torch.unique(rows * size + tokens[keep], return_inverse=True)
         mass = torch.zeros(keys.shape[0]).scatter_add_(0, inverse, placed[keep])
         rows, cols = keys // size, keys % size
-        floor = (anchor_log_probs[rows, cols].float().exp() * self.rest(top_log_probs, top_ids)[rows]).clamp_min_(1e-30)
+        floor = ((anchor_log_probs[rows, cols].float() - lse[rows]).exp()
+                 * self.rest(top_log_probs, top_ids)[rows]).clamp_min_(1e-30)
         values = mass.div_(floor).log1p_()
         mapped = self.mapped[cols]
         return keys[mapped], values[mapped]

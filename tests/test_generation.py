@@ -161,3 +161,86 @@ def test_untrained_fused_model_scores_the_anchors_bits_per_byte(standin_paths, l
     assert fused.bits_per_byte == pytest.approx(alone.bits_per_byte, rel=1e-5)
     trained = score_fused(fused_model(standin_paths, lm_backbones, scale=0.3), texts, batch_size=2)
     assert trained.bits_per_byte != pytest.approx(alone.bits_per_byte, rel=1e-3)
+
+
+@pytest.mark.parametrize("tails", [True, False], ids=["source_tails", "settled_only"])
+def test_source_kv_caches_give_the_features_of_a_full_run_past_the_sliding_window(standin_paths, lm_backbones, tails):
+    """Each source's KV cache over its settled tokens, plus its tail run on top and cropped off, gives at every
+    step the taps a run over its whole tokenization of the prefix gives; past Gemma-2's sliding window (128
+    tokens on the stand-in) too, and without ever rebuilding a cache."""
+    from fusion_llm.alignment import causal_char_ends, settled_split
+    from fusion_llm.generation import _SourceFeatures
+
+    model = fused_model(standin_paths, lm_backbones, tails=tails, predictions=True)
+    text = " ".join(f"Verse {i}: the droghte of March hath perced to the roote, 12345 times." for i in range(11))
+    anchor = model.anchor
+    offsets = [tuple(o) for o in anchor.tokenizer(text, return_offsets_mapping=True)["offset_mapping"]]
+    sources = _SourceFeatures(model, 1)
+    checked = 0
+    for t in range(1, len(offsets)):
+        end = offsets[t][1]
+        feats = sources.at_last_position([0], {0: text[:end]}, {0: offsets[: t + 1]})
+        if t % 15 and t != len(offsets) - 1:
+            continue
+        for name, backbone in sources.sources.items():
+            seq, settled = settled_split(text[: int(causal_char_ends(offsets[: t + 1], end)[-1])], backbone.tokenizer)
+            seq = seq if tails else seq[:settled]
+            taps, index = feats[name]
+            assert int(index) == (0 if seq else -1)
+            if not seq:
+                continue
+            want = backbone.taps(torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.long),
+                                 layers=sources._layers(backbone))
+            for got, ref in zip(taps, want):
+                ref = ref[0, -1]
+                assert (got[0, 0] - ref).norm() <= 2e-3 * ref.norm() + 1e-4, (name, t)
+            checked += 1
+    assert len(sources.state["gemma"][0].ids) > 128  # the sliding window was passed
+    assert sources.restarts == 0 and checked > 20
+    # a step costs at most one call per source (the newly settled tokens and the tail together), whatever the length
+    assert sources.runs <= len(sources.sources) * len(offsets)
+
+
+def test_transformers_processors_give_what_the_anchors_own_generate_gives(standin_paths, lm_backbones):
+    """An untrained fused model with a `GenerationConfig` (repetition penalty, a minimum of new tokens, stop
+    strings) generates exactly what the anchor's own transformers ``generate`` does with the same config."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from fusion_llm.backbones import quantization_config
+
+    model = fused_model(standin_paths, lm_backbones)
+    anchor = model.anchor
+    reference = AutoModelForCausalLM.from_pretrained(anchor.spec.model, dtype=torch.float32,
+                                                     quantization_config=quantization_config(anchor.spec))
+    tokenizer = anchor.tokenizer
+    free = generate(model, PROMPTS[0], max_new_tokens=8, stop_tokens=[]).texts[0]
+    stop = free.strip()[:3]  # a stop string the free run writes
+    for config in (GenerationConfig(max_new_tokens=8, repetition_penalty=1.5, min_new_tokens=4),
+                   GenerationConfig(max_new_tokens=8, stop_strings=[stop])):
+        out = model.generate(PROMPTS[0], generation_config=config)
+        enc = tokenizer(PROMPTS[0], return_tensors="pt")
+        with torch.no_grad():
+            ref = reference.generate(**enc, generation_config=config, tokenizer=tokenizer, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        assert out.new_tokens[0] == ref[0, enc["input_ids"].shape[1]:].tolist()
+    assert stop in out.texts[0] and len(out.new_tokens[0]) < 8
+    # sampling goes through transformers' warpers: a tiny top-p leaves only the argmax
+    assert generate(model, PROMPTS[:2], max_new_tokens=4, do_sample=True, top_p=1e-6, seed=3,
+                    stop_tokens=[]).new_tokens == generate(model, PROMPTS[:2], max_new_tokens=4,
+                                                           stop_tokens=[]).new_tokens
+    with pytest.raises(TypeError, match="not_a_field"):
+        generate(model, PROMPTS[0], not_a_field=1)
+
+
+def test_a_streamer_receives_every_token_as_it_is_chosen(standin_paths, lm_backbones):
+    from transformers import TextIteratorStreamer
+
+    model = fused_model(standin_paths, lm_backbones, scale=0.3)
+    streamer = TextIteratorStreamer(model.anchor.tokenizer, skip_prompt=True)
+    out = generate(model, PROMPTS[1], max_new_tokens=6, stop_tokens=[], streamer=streamer)
+    # the streamer ended (the iterator stops) and got every token: it decodes them as it does for transformers
+    streamed = "".join(streamer)
+    assert streamed == model.anchor.tokenizer.decode(out.new_tokens[0])
+    assert streamed.strip() == out.texts[0].strip()
+    with pytest.raises(ValueError, match="one prompt"):
+        generate(model, PROMPTS, max_new_tokens=2, streamer=TextIteratorStreamer(model.anchor.tokenizer))

@@ -219,9 +219,8 @@ def test_lm_head_save_load_identical_and_fingerprinted(lm_model, tmp_path, predi
 
 @pytest.mark.parametrize("anchor", ["mistral", "gemma"], ids=["linear_output_layer", "soft_capped"])
 def test_mixed_logits_equal_the_dense_log_linear_mix(lm_model, anchor):
-    """`mixed_logits` folds the anchor's weight into the output layer (where it is linear) and adds the sparse
-    corrections in place; values and gradients equal ``(1 + sum(mix)) * logits + sum_i mix_i * correction_i``
-    over dense corrections."""
+    """`mixed_logits` scales the anchor's logits and adds the sparse corrections in place; values and gradients
+    equal ``(1 + sum(mix)) * logits + sum_i mix_i * correction_i`` over dense corrections."""
     from fusion_llm.modeling import mixed_logits
 
     backbone = lm_model.backbones[anchor]
@@ -236,7 +235,7 @@ def test_mixed_logits_equal_the_dense_log_linear_mix(lm_model, anchor):
         dense.append(torch.zeros(10 * size).index_put_((keys,), values).view(2, 5, size))
         corrections.append((keys, values))
     dense = torch.stack(dense, dim=2)
-    got = mixed_logits(backbone, hidden, mix, corrections)
+    got = mixed_logits(backbone.lm_logits(hidden), mix, corrections)
     want = ((1 + mix.sum(-1, keepdim=True)) * backbone.lm_logits(hidden)
             + torch.einsum("bts,btsv->btv", mix[..., 1:], dense))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -136,6 +136,7 @@ def test_greedy_generation_equals_the_full_forward_argmax(standin_paths, backbon
 
 @pytest.mark.parametrize("change, field", [
     ({"lora_rank": -1}, "lora_rank"), ({"lora_rank": 1.5}, "lora_rank"), ({"lora_alpha": 0}, "lora_alpha"),
+    ({"lora_lr": 0}, "lora_lr"), ({"lora_lr": "fast"}, "lora_lr"),
 ])
 def test_bad_adapter_fields_name_the_field(standin_paths, change, field):
     cfg = config(standin_paths).to_dict()
@@ -160,10 +161,19 @@ def test_member_adapters_and_the_mixer_take_their_own_learning_rates(standin_pat
 
     model = FusionModel(config(standin_paths), backbones)
     groups = _param_groups(model.head, TrainConfig(lr=1e-3, member_lr=2e-3, mixer_lr=1e-2))
-    assert [g.get("lr") for g in groups] == [None, 2e-3, 1e-2]
+    assert [g.get("lr") for g in groups] == [None, 2e-3, 2e-3, 1e-2]
     ids = [id(p) for g in groups for p in g["params"]]
     assert sorted(ids) == sorted(id(p) for p in model.head.parameters())  # every parameter once
-    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.head.members.parameters()}
+    members = model.head.members
+    assert [{id(p) for p in g["params"]} for g in groups[1:3]] == [
+        {id(p) for p in members[n].parameters()} for n in members]
     assert len(_param_groups(model.head, TrainConfig(lr=1e-3))) == 1
     with pytest.raises(ConfigError, match="train.mixer_lr"):
         TrainConfig(mixer_lr=0)
+
+    # a backbone's own lora_lr wins over train.member_lr, for that backbone's adapters only
+    cfg = config(standin_paths)
+    cfg.set_backbone_fields("llama", lora_lr=5e-3)
+    model = FusionModel(cfg, backbones)
+    rates = {n: g["lr"] for n, g in zip(model.head.members, _param_groups(model.head, TrainConfig(member_lr=2e-3))[1:])}
+    assert rates == {"mistral": 2e-3, "llama": 5e-3}

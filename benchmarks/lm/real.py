@@ -76,6 +76,7 @@ class RealPreset:
     gen_prompts: int = 1
     variants: tuple = ("deep",)  # fused variants (VARIANTS) trained with each anchor
     control_lora_lrs: tuple = ()  # ((member, lr), ...): each LoRA control's own rate; default lora_lr
+    member_lrs: tuple = ()  # ((member, lr), ...): the fused model's member adapters' own rates; default lora_lr
 
     def control(self, member: str) -> "RealPreset":
         """The preset of the LoRA control on ``member`` (its own learning rate)."""
@@ -84,7 +85,8 @@ class RealPreset:
     def to_dict(self) -> dict:
         """The fields one stage's training reads (its cache recipe): which variants run is not one of them."""
         return {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in ("variants", "control_lora_lrs") and not (k == "mixer_lr" and v is None)}
+                if k not in ("variants", "control_lora_lrs") and not (k == "mixer_lr" and v is None)
+                and not (k == "member_lrs" and not v)}
 
 
 PRESETS = {
@@ -147,8 +149,9 @@ def sized_head(anchor: str, members: dict, preset: RealPreset, target: int, head
 
 def _backbone_dicts(anchor: str, members: dict, preset: RealPreset, ranks: dict | None = None) -> list[dict]:
     skip = ("num_hidden_layers", "hidden_size", "max_position_embeddings", "lora_modules")
+    rates = dict(preset.member_lrs)
     return [{**{k: v for k, v in dataclasses.asdict(_spec(n, members, preset, n == anchor)).items() if k not in skip},
-             "lora_rank": (ranks or {}).get(n, 0)} for n in members]
+             "lora_rank": (ranks or {}).get(n, 0), **({"lora_lr": rates[n]} if n in rates else {})} for n in members]
 
 
 # ---- worker tasks (each in its own process, one torch thread) ------------------------------------------
@@ -433,6 +436,60 @@ def sweep(preset: str, out_dir: Path, *, member: str = "smol", head_lrs=(3e-4, 1
     return out
 
 
+def parse_setting(text: str) -> dict:
+    """``"mixer_lr=3e-2,lr.smol=5e-3,rank.gemma=3"`` -> preset fields and per-member adapter rates / ranks."""
+    out: dict = {}
+    for part in filter(None, text.split(",")):
+        key, _, value = part.partition("=")
+        kind, _, member = key.strip().partition(".")
+        if member and kind in ("lr", "rank"):
+            out.setdefault(kind, {})[member] = (float if kind == "lr" else int)(value)
+        elif key.strip() in ("mixer_lr", "head_lr", "lora_lr"):
+            out[key.strip()] = float(value)
+        else:
+            raise ValueError(f"--sweep-fused: {part!r} is not mixer_lr=, head_lr=, lora_lr=, lr.MEMBER= or rank.MEMBER=")
+    return out
+
+
+def sweep_fused(preset: str, out_dir: Path, settings: list[str], *, anchor: str = "gemma", val_rows: int = 8,
+                workers: int = 2, log=print) -> dict:
+    """Recipes of the fused model with member adapters (variant ``deep``, ``anchor`` as the anchor), each scored
+    by its mixture bits/byte on ``val_rows`` validation rows per domain (no test row is read: one test row per
+    domain is scored and ignored). ``settings``: `parse_setting` strings; the first is usually ``""`` (the
+    preset's own recipe). Writes ``real_sweep_fused_<anchor>.json``."""
+    base = dataclasses.replace(PRESETS[preset], eval_rows=1, val_rows=val_rows)
+    cache = Path(out_dir) / "cache" / "real"
+    cache.mkdir(parents=True, exist_ok=True)
+    target = LORA_RANK * _lora_per_rank(_resolve(MEMBERS[anchor][0]))
+    jobs = []
+    for text in settings:
+        setting = parse_setting(text)
+        ranks = {**RANKS[anchor], **setting.get("rank", {})}
+        p = dataclasses.replace(base, **{k: v for k, v in setting.items() if k not in ("lr", "rank")},
+                                member_lrs=tuple(sorted({**dict(base.member_lrs), **setting.get("lr", {})}.items())))
+        head, count = sized_head(anchor, MEMBERS, p, target, DEEP, ranks)
+        log(f"[sweep-fused] {text or '(preset)'}: member ranks {ranks}, shared_width {head['shared_width']}, "
+            f"{count:,} parameters (LoRA r={LORA_RANK}: {target:,})")
+        jobs.append((text, (anchor, MEMBERS, p, head, cache), {"ranks": ranks}))
+    import multiprocessing
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [(text, pool.submit(task_fused, *args, 1, **kw)) for text, args, kw in jobs]
+        rows = []
+        for text, f in futures:
+            entry = f.result()
+            rows.append({"setting": text, "validation_bits_per_byte": entry["validation_bits_per_byte"],
+                         "trainable_params": entry["trainable_params"], "train_seconds": entry["train_seconds"]})
+            log(f"[sweep-fused] {text or '(preset)'}: validation mixture {rows[-1]['validation_bits_per_byte']:.4f} "
+                f"bits/byte, {entry['train_seconds']:.0f} s training")
+    chosen = min(rows, key=lambda r: r["validation_bits_per_byte"])["setting"]
+    out = {"preset": preset, "anchor": anchor, "steps": base.head_steps, "val_rows": val_rows, "rows": rows,
+           "chosen": chosen, "date": dt.datetime.now().isoformat(timespec="seconds")}
+    write_json_atomic(Path(out_dir) / f"real_sweep_fused_{anchor}.json", out)
+    log(f"[sweep-fused] chosen: {chosen or '(preset)'}")
+    return out
+
+
 def ablation(preset: str, out_dir: Path, *, anchor: str = "smol", log=print) -> dict:
     """Probe: the fused model's head trained over the anchor's own taps only (no other member), same width,
     rows, steps and rate as the track's. Its gap to the track's fused entry is what the other member adds;
@@ -518,6 +575,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --sweep: the head's rates to try (default 3e-4 1e-3 3e-3; none: skip)")
     parser.add_argument("--lora-lrs", type=float, nargs="*", default=None,
                         help="with --sweep: LoRA's rates to try (default 5e-4 2e-3; none: skip)")
+    parser.add_argument("--sweep-fused", nargs="+", default=None, metavar="SETTING",
+                        help="choose the fused model's recipe on validation rows: settings like '' (the preset), "
+                             "'mixer_lr=3e-2', 'lr.smol=5e-3', 'rank.gemma=3' (the anchor: --sweep-member)")
     parser.add_argument("--ablation", action="store_true",
                         help="probe: the head over SmolLM2's own taps only (what the other member adds)")
     parser.add_argument("--route-probe", action="store_true",
@@ -533,6 +593,8 @@ def main(argv: list[str] | None = None) -> int:
             grids = {"head_lrs": args.head_lrs, "lora_lrs": () if args.sweep_head_only else args.lora_lrs}
             sweep(args.preset, out_dir, member=args.sweep_member, workers=args.workers,
                   **{k: tuple(v) for k, v in grids.items() if v is not None})
+        elif args.sweep_fused:
+            sweep_fused(args.preset, out_dir, args.sweep_fused, anchor=args.sweep_member, workers=args.workers)
         elif args.ablation:
             ablation(args.preset, out_dir)
         elif args.route_probe:

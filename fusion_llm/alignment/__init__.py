@@ -20,7 +20,7 @@ from fusion_llm.alignment.chars import WHITESPACE
 from fusion_llm.alignment.encoding import prefix_tokens
 from fusion_llm.alignment.gather import gather_aligned
 from fusion_llm.alignment.rules import LLAMA3_SPLIT_REGEX, check_fast_tokenizer, settle_rule
-from fusion_llm.alignment.settled import align_source, causal_char_ends, safe_cut, settled_count
+from fusion_llm.alignment.settled import align_source, causal_char_ends, safe_cut, settled_count, settled_split
 from fusion_llm.alignment.stats import ALIGNMENT_STATS, AlignmentStats
 from fusion_llm.alignment.tails import TAIL_COLUMNS, pack_tails, tail_attention_mask
 
@@ -42,6 +42,7 @@ __all__ = [
     "safe_cut",
     "settle_rule",
     "settled_count",
+    "settled_split",
     "source_keys",
     "tail_attention_mask",
 ]

@@ -48,7 +48,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fusion_llm.alignment.encoding import _NO_TOKEN, _encode, _name, _token_left_ends
+from fusion_llm.alignment.encoding import _NO_TOKEN, _encode, _name, _prefix_tokens, _token_left_ends
 from fusion_llm.alignment.rules import settle_rule
 from fusion_llm.alignment.stats import ALIGNMENT_STATS, AlignmentStats
 from fusion_llm.alignment.tails import _verify, _windowed_tails
@@ -133,10 +133,17 @@ def settled_count(prefix: str, source_tokenizer) -> int:
         The number of settled tokens (``align_source(...)[1][-1] + 1`` for an anchor token
         ending at ``len(prefix)``).
     """
+    return settled_split(prefix, source_tokenizer)[1]
+
+
+def settled_split(prefix: str, source_tokenizer) -> tuple[list[int], int]:
+    """The source's ids of ``prefix`` (`prefix_tokens`: settled tokens + unsettled tail) and how many of them are
+    settled (`settled_count`), from one encoding."""
     enc = _encode(source_tokenizer, [prefix])
     left = _token_left_ends(np.asarray(enc["offset_mapping"][0], np.int64).reshape(-1, 2),
                             np.asarray(enc["special_tokens_mask"][0]))
-    return int(np.searchsorted(left, safe_cut(prefix, source_tokenizer), side="right"))
+    count = int(np.searchsorted(left, safe_cut(prefix, source_tokenizer), side="right"))
+    return _prefix_tokens(enc, 0), count
 
 
 def align_source(
