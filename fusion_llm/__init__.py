@@ -10,6 +10,7 @@ The public API, by layer (each name is imported on first use, so ``import fusion
     training    train                                 the one training loop, under accelerate
     generation  generate                              decoding with a fused LM
     scoring     score_fused, score_causal_lm, LMScore bits per byte across tokenizers
+    harness     FusedLM                               a fused LM as an lm-evaluation-harness model
     budget      plan, check_budget                    parameters and memory before anything loads
     merging     merge_in_memory, merge_from_disk      mergekit merges (the comparison's baselines)
     errors      ConfigError, BudgetError, ...         one-line errors naming the field and the fix
@@ -27,7 +28,7 @@ _EXPORTS = {
     "get_fusion": "fusion", "register_fusion": "fusion", "available_fusions": "fusion",
     "FusionHead": "heads", "FusionModel": "modeling", "FusionOutput": "heads",
     "train": "training", "generate": "generation",
-    "score_fused": "scoring", "score_causal_lm": "scoring", "LMScore": "scoring",
+    "score_fused": "scoring", "score_causal_lm": "scoring", "LMScore": "scoring", "FusedLM": "harness",
     "plan": "budget", "check_budget": "budget",
     "merge_in_memory": "merging", "merge_from_disk": "merging",
     "ConfigError": "errors", "BudgetError": "errors", "MergeRefused": "errors", "NonFiniteLoss": "errors",
