@@ -7,6 +7,7 @@ import copy
 import hashlib
 import json
 import logging
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,6 +229,29 @@ def _quiet_loading():
         hf_logging.enable_progress_bar()
 
 
+_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def check_loading_info(spec: BackboneSpec, info: dict, depth: int) -> None:
+    """Refuse a load that left weights newly initialised (missing or of the wrong shape) or found weights the
+    model has no place for, besides what truncation leaves out on purpose (layers from ``depth`` on, the output
+    layer of a decoder loaded without it). The loading report itself is silenced, so this is where a partly
+    random frozen backbone would otherwise go unseen."""
+    missing = [k if isinstance(k, str) else k[0] for k in
+               list(info.get("missing_keys") or []) + list(info.get("mismatched_keys") or [])]
+    unexpected = []
+    for key in info.get("unexpected_keys") or []:
+        layer = _LAYER_KEY.search(key)
+        if not ((layer and int(layer.group(1)) >= depth) or key.split(".")[0] == "lm_head"):
+            unexpected.append(key)
+    problems = [f"{len(v)} {what} (e.g. {sorted(v)[0]})" for what, v in
+                (("weights missing or of another shape, so newly initialised", missing),
+                 ("weights the model has no place for", unexpected)) if v]
+    if problems:
+        raise ConfigError(f"backbones[{spec.name!r}]: {spec.model} does not match its config: "
+                          + "; ".join(problems) + "; check the model folder (or revision) and its config.json")
+
+
 def _settle_quantized_layout(model: PreTrainedModel, spec: BackboneSpec) -> None:
     """Run one token through a quantized CPU model right away.
 
@@ -290,14 +314,16 @@ def load_backbone(
     dtype = getattr(torch, spec.compute_dtype)
     loader = AutoModelForCausalLM if with_lm_head else AutoModel
     with _quiet_loading():
-        model = loader.from_pretrained(
+        model, info = loader.from_pretrained(
             spec.model,
             config=config,
             revision=spec.revision,
             dtype=dtype,
             quantization_config=quantization_config(spec),
             device_map=device_map,
+            output_loading_info=True,
         )
+    check_loading_info(spec, info, config.get_text_config().num_hidden_layers)
     final_norm = lm_head = softcap = None
     if with_lm_head:
         lm_head = model.get_output_embeddings()

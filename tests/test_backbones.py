@@ -62,3 +62,27 @@ def test_tap_out_of_range_for_the_loaded_model(standin_paths):
 def test_missing_model_path_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="model"):
         load_backbone(BackboneSpec(name="m", model=str(tmp_path / "nope"), tap_layers=[1], num_hidden_layers=4))
+
+
+@pytest.mark.parametrize("change", ["drop", "extra"])
+def test_a_checkpoint_that_does_not_fit_its_config_is_refused_naming_the_backbone(standin_paths, tmp_path, change):
+    """A weight missing from the checkpoint (it would be newly initialised: a partly random frozen backbone) or one
+    the model has no place for is refused with one line; the layers truncation leaves out are not a problem."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "broken"
+    shutil.copytree(standin_paths["mistral"], folder)
+    (weights,) = folder.glob("*.safetensors")
+    tensors = load_file(weights)
+    if change == "drop":
+        tensors.pop(next(k for k in tensors if ".layers.1.mlp.up_proj" in k))
+    else:
+        tensors["model.adapter.weight"] = torch.zeros(4)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    spec = BackboneSpec(name="broken", model=str(folder), tap_layers=[2], quantization="none", compute_dtype="float32")
+    with pytest.raises(ConfigError, match=r"backbones\['broken'\].*(newly initialised|no place for)"):
+        load_backbone(spec)
+    # truncated at layer 1 the dropped weight of layer 1 is still needed; above the deepest tap nothing is
+    load_backbone(BackboneSpec(name="ok", model=standin_paths["mistral"], tap_layers=[1], compute_dtype="float32"))
