@@ -1,5 +1,5 @@
 """lm-evaluation-harness adapter (`fusion_llm.harness.FusedLM`), the local fusion_continuation task and
-scripts/evaluate.py, on float32 stand-ins (offline, CPU): an untrained head scores exactly like its anchor's
+scripts/lm_harness.py, on float32 stand-ins (offline, CPU): an untrained head scores exactly like its anchor's
 own HF model, continuation scores are causal, rolling scores are score_fused's, generate_until is generate
 cut at the stop strings, simple_evaluate runs end to end, bad input is one line and exit 2."""
 
@@ -259,7 +259,7 @@ def test_simple_evaluate_runs_on_the_local_task(untrained, small_corpora, tmp_pa
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts" / "evaluate.py")
+    spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts" / "lm_harness.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -279,7 +279,7 @@ def test_evaluate_script_bad_input_is_one_line_and_exit_2(untrained, small_corpo
     tasks = "fusion_continuation_poetry" if case == "task" else "fusion_continuation"
     assert _script().main(["--head", str(head), "--tasks", tasks]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("evaluate: error:") and message in err and "\n" not in err
+    assert err.startswith("lm_harness: error:") and message in err and "\n" not in err
 
 
 def test_evaluate_script_anchor_only_prints_the_table(untrained, small_corpora, tmp_path, monkeypatch, capsys):

@@ -16,7 +16,7 @@ a tokenizer puts spaces.
     <cache>/harness/fusion_continuation/manifest.json                       n, seed, words, corpora, counts
 
 and returns the folder, the ``include_path`` of lm_eval's ``TaskManager``. Command:
-``python scripts/evaluate.py --build-task``.
+``python scripts/lm_harness.py --build-task``.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def continuation_items(rows: list[dict], domain: str, n: int, seed: int, words: 
 
 def _task_yaml(name: str, data: Path) -> str:
     return "\n".join([
-        "# Written by fusion_llm.data.continuation (python scripts/evaluate.py --build-task); do not edit.",
+        "# Written by fusion_llm.data.continuation (python scripts/lm_harness.py --build-task); do not edit.",
         f"task: {name}",
         "dataset_path: json",
         "dataset_kwargs:",
@@ -108,7 +108,7 @@ def _task_yaml(name: str, data: Path) -> str:
 
 def _group_yaml(tasks: list[str]) -> str:
     return "\n".join([
-        "# Written by fusion_llm.data.continuation (python scripts/evaluate.py --build-task); do not edit.",
+        "# Written by fusion_llm.data.continuation (python scripts/lm_harness.py --build-task); do not edit.",
         f"group: {TASK}",
         "task:", *[f"  - {t}" for t in tasks],
         "aggregate_metric_list:",

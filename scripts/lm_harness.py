@@ -1,11 +1,14 @@
 #!/usr/bin/env python
 """Evaluate a saved fused LM head with EleutherAI's lm-evaluation-harness (``lm_eval``) and print its table.
 
-    python scripts/evaluate.py --head outputs/standins_lm/head                       # the local fusion_continuation
-    python scripts/evaluate.py --head outputs/standins_lm/head --anchor-only         # its anchor alone, same adapter
-    python scripts/evaluate.py --head HEAD --tasks fusion_continuation_code --limit 20 --batch-size 4
-    python scripts/evaluate.py --head HEAD --tasks hellaswag,arc_easy --device cuda  # hub tasks (needs the hub)
-    python scripts/evaluate.py --build-task [--n-per-domain 100 --seed 0]            # only write the local task
+(Not named ``evaluate.py``: a script's folder comes first on ``sys.path``, so that name would shadow the
+``evaluate`` package for every other script here.)
+
+    python scripts/lm_harness.py --head outputs/standins_lm/head                       # the local fusion_continuation
+    python scripts/lm_harness.py --head outputs/standins_lm/head --anchor-only         # its anchor alone, same adapter
+    python scripts/lm_harness.py --head HEAD --tasks fusion_continuation_code --limit 20 --batch-size 4
+    python scripts/lm_harness.py --head HEAD --tasks hellaswag,arc_easy --device cuda  # hub tasks (needs the hub)
+    python scripts/lm_harness.py --build-task [--n-per-domain 100 --seed 0]            # only write the local task
 
 The model is ``fusion_llm.harness.FusedLM`` (registered as ``fusion_llm``); the local task
 ``fusion_continuation`` (a group of ``fusion_continuation_{shakespeare,code,prose}``, see
@@ -100,10 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         results = lm_eval.simple_evaluate(model=lm, tasks=names, limit=args.limit, num_fewshot=args.num_fewshot,
                                           task_manager=manager, log_samples=False)
     except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"evaluate: error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"lm_harness: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     except ConnectionError as err:  # a hub task (its dataset) on a machine that does not reach the hub
-        print(f"evaluate: error: {' '.join(str(err).split())}; hub tasks need the hub or its datasets cache",
+        print(f"lm_harness: error: {' '.join(str(err).split())}; hub tasks need the hub or its datasets cache",
               file=sys.stderr)
         return 2
     what = "anchor alone" if args.anchor_only else "fused"
