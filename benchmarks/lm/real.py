@@ -93,7 +93,8 @@ PRESETS = {
     "micro": RealPreset("micro", head_steps=4, head_batch=2, head_seq=32, eval_rows=2, val_rows=1, gen_tokens=4,
                         head_warmup=1),
     "quick": RealPreset("quick", head_steps=24, head_batch=8, head_seq=64, eval_rows=12, val_rows=4,
-                        gen_tokens=24, mixer_lr=1e-2, control_lora_lrs=(("smol", 5e-3), ("gemma", 2e-3))),
+                        gen_tokens=24, mixer_lr=1e-2, control_lora_lrs=(("smol", 5e-3), ("gemma", 2e-3)),
+                        member_lrs=(("smol", 1e-2),)),
     "full": RealPreset("full", head_steps=200, head_batch=8, head_seq=128, eval_rows=48, val_rows=16, gen_tokens=48,
                        head_warmup=10, variants=("late", "deep")),
 }
