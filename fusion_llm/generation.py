@@ -6,10 +6,10 @@ re-tokenized with its own tokenizer and re-aligned with the causal rule of `fusi
 every step, so the fused feature at anchor position ``t`` depends only on the text through anchor
 token ``t`` - exactly as in `FusionModel.lm_forward`, which greedy decoding reproduces token for token.
 
-Each source keeps a KV cache per prompt over its *settled* tokens (they never change once settled: that is what
-settled means). At a step it runs only the tokens that settled since the last step, appended to the cache, and,
-with ``head.source_tails`` (the default), the unsettled tail of its tokenization of the anchor's prefix on top of
-the cache, which is then cropped off again. A step's source cost is a few tokens, not the whole prefix.
+Each source keeps a KV cache per prompt over the token sequence it ran last (settled tokens and, with
+``head.source_tails``, the unsettled tail). At a step the cache is cropped back to the prefix the source's new
+sequence shares with it - at least the settled tokens, which never change once settled - and only the rest runs:
+a step's source cost is a token or two, not the whole prefix.
 `GenerationOutput.timings` splits the time between the anchor, the sources (tokenization + alignment + forward)
 and the head.
 
@@ -158,12 +158,11 @@ def _generation_config(generation_config, kwargs: dict):
 
 @dataclass
 class _SourceState:
-    """One prompt's view of one source: a KV cache over its settled tokens (they never change once settled),
-    the taps at the last of them, and the feature of the token sequence it saw last."""
+    """One prompt's view of one source: a KV cache over the token sequence it ran last, and the feature of that
+    sequence's last token."""
 
-    ids: list[int] = field(default_factory=list)  # the settled ids in ``cache``
+    ids: list[int] = field(default_factory=list)  # the ids in ``cache``
     cache: object = None
-    last: list | None = None  # [tap (H,) per layer] at the last settled token
     key: tuple | None = None  # the source's token sequence of the prefix at the last call ...
     feats: list | None = None  # ... and its feature (None: no source token yet)
 
@@ -172,9 +171,11 @@ class _SourceFeatures:
     """Per prompt and source: the taps at the source's token for the last anchor position (the end of its
     tokenization of the anchor's prefix with ``source_tails``, else the last settled token).
 
-    Each source keeps a KV cache per prompt over its settled tokens, so a step runs only the tokens that settled
-    since the last step plus the unsettled tail (which is run on top of the cache and then cropped off it): the
-    cost of a step does not grow with the length of the text."""
+    Each source keeps a KV cache per prompt over the token sequence it ran last. A step crops it back to the part
+    the new sequence shares (never less than the settled tokens, which do not change: that is what settled means;
+    usually all but the last token or two of the tail) and runs only the rest, so a step's cost does not grow with
+    the text. The cache's layers are plain full-length ones (a sliding-window layer could not be cropped back past
+    its window); the model's own masks keep the sliding windows."""
 
     def __init__(self, model, batch: int):
         anchor = model.anchor.name
@@ -184,42 +185,37 @@ class _SourceFeatures:
         self.tails = model.config.head_spec.source_tails
         self.predictions = model.config.head_spec.source_predictions  # the last layer too, for the source's LM head
         self.runs = 0  # source forward passes
-        self.restarts = 0  # caches rebuilt because a settled token changed (never, by the settle rule)
+        self.tokens_run = 0  # source tokens those passes ran
 
     def _layers(self, backbone) -> list[int]:
         return backbone.spec.resolved_taps() + ([backbone.spec.num_hidden_layers] if self.predictions else [])
 
-    def _run(self, backbone, state: _SourceState, ids: list[int]) -> list[torch.Tensor]:
-        """Run ``ids`` on top of the cached settled tokens (appending them to the cache); [(L, H)] per layer."""
+    def _advance(self, backbone, state: _SourceState, seq: list[int]) -> list | None:
+        """The taps at the last token of ``seq``: the cache cropped to the prefix ``seq`` shares with what it holds,
+        then one forward over the rest."""
         from transformers import DynamicCache
 
+        if not seq:
+            return None
+        shared = 0
+        for a, b in zip(state.ids, seq):
+            if a != b:
+                break
+            shared += 1
+        shared = min(shared, len(seq) - 1)  # the last token runs again when nothing is new: its state is wanted
         if state.cache is None:
-            state.cache = DynamicCache(config=backbone.model.config)
-            state.cache.activate_past_recording()  # sliding-window layers keep what a crop may need to restore
-        start = len(state.ids)
-        layers = self._layers(backbone)
+            state.cache = DynamicCache()
+        state.cache.crop(shared - len(state.ids))
+        new = seq[shared:]
         device = backbone.device
-        out = backbone.model(input_ids=torch.tensor([ids], device=device),
-                             position_ids=torch.arange(start, start + len(ids), device=device).unsqueeze(0),
+        layers = self._layers(backbone)
+        out = backbone.model(input_ids=torch.tensor([new], device=device),
+                             position_ids=torch.arange(shared, len(seq), device=device).unsqueeze(0),
                              cache=state.cache, use_cache=True, output_hidden_states=sorted(set(layers)))
         self.runs += 1
-        return [out.hidden_states[layer][0] for layer in layers]
-
-    def _advance(self, backbone, state: _SourceState, seq: list[int], settled: int) -> list | None:
-        """One forward over the tokens settled since the last call and the tail after them; the tail is cropped
-        off the cache again (it is not settled: it may change with the next anchor token)."""
-        if seq[: len(state.ids)] != state.ids:  # a settled token changed: start this prompt's cache again
-            self.restarts += 1
-            state.ids, state.cache, state.last = [], None, None
-        new, tail = seq[len(state.ids):settled], seq[settled:]
-        if not new and not tail:
-            return state.last
-        taps = self._run(backbone, state, new + tail)
-        state.cache.crop(-len(tail))  # also brings sliding-window layers back to their working size
-        state.ids = state.ids + new
-        if new:
-            state.last = [t[len(new) - 1] for t in taps]
-        return [t[-1] for t in taps] if tail else state.last
+        self.tokens_run += len(new)
+        state.ids = list(seq)
+        return [out.hidden_states[layer][0, -1] for layer in layers]
 
     @torch.no_grad()
     def at_last_position(self, rows: list[int], texts: dict[int, str], offsets: dict[int, list]) -> dict:
@@ -236,7 +232,7 @@ class _SourceFeatures:
                     seq = seq[:settled]
                 state = self.state[name][r]
                 if state.key != tuple(seq):
-                    state.feats, state.key = self._advance(backbone, state, seq, settled), tuple(seq)
+                    state.feats, state.key = self._advance(backbone, state, seq), tuple(seq)
                 index.append(0 if state.feats is not None else -1)
                 taps.append(state.feats if state.feats is not None else [torch.zeros(backbone.hidden_size)] * layers)
             out[name] = ([torch.stack([t[k] for t in taps]).unsqueeze(1) for k in range(layers)],  # (n, 1, H)
@@ -387,6 +383,6 @@ def generate(model, prompts: list[str] | str, generation_config=None, *, streame
     if streamer is not None:
         streamer.end()
     texts_out = [continuation_text(tokenizer, prompt_ids[i], new_tokens[i]) for i in range(batch)]
-    timings.update(total=time.perf_counter() - started, source_runs=sources.runs, source_restarts=sources.restarts,
+    timings.update(total=time.perf_counter() - started, source_runs=sources.runs, source_tokens_run=sources.tokens_run,
                    generated_tokens=sum(len(x) for x in new_tokens))
     return GenerationOutput(torch.cat(sequence, dim=1), new_tokens, texts_out, timings)

@@ -165,9 +165,9 @@ def test_untrained_fused_model_scores_the_anchors_bits_per_byte(standin_paths, l
 
 @pytest.mark.parametrize("tails", [True, False], ids=["source_tails", "settled_only"])
 def test_source_kv_caches_give_the_features_of_a_full_run_past_the_sliding_window(standin_paths, lm_backbones, tails):
-    """Each source's KV cache over its settled tokens, plus its tail run on top and cropped off, gives at every
-    step the taps a run over its whole tokenization of the prefix gives; past Gemma-2's sliding window (128
-    tokens on the stand-in) too, and without ever rebuilding a cache."""
+    """Each source's KV cache, cropped to the prefix its new token sequence shares with it, gives at every step the
+    taps a run over its whole tokenization of the prefix gives; past Gemma-2's sliding window (128 tokens on the
+    stand-in) too, while each step runs a few tokens only."""
     from fusion_llm.alignment import causal_char_ends, settled_split
     from fusion_llm.generation import _SourceFeatures
 
@@ -196,9 +196,10 @@ def test_source_kv_caches_give_the_features_of_a_full_run_past_the_sliding_windo
                 assert (got[0, 0] - ref).norm() <= 2e-3 * ref.norm() + 1e-4, (name, t)
             checked += 1
     assert len(sources.state["gemma"][0].ids) > 128  # the sliding window was passed
-    assert sources.restarts == 0 and checked > 20
-    # a step costs at most one call per source (the newly settled tokens and the tail together), whatever the length
+    assert checked > 20
+    # a step costs at most one call per source, of a few tokens, whatever the length
     assert sources.runs <= len(sources.sources) * len(offsets)
+    assert sources.tokens_run < 4 * len(sources.sources) * len(offsets)
 
 
 def test_transformers_processors_give_what_the_anchors_own_generate_gives(standin_paths, lm_backbones):
