@@ -54,6 +54,7 @@ class FusionModel(nn.Module):
         if missing:
             raise ConfigError(f"backbones {missing} are named in the config but were not given")
         for name in names:
+            self._check_identity(config, backbones[name])
             self._check_fingerprint(config, backbones[name])
             spec = backbones[name].spec
             config.set_backbone_fields(name, num_hidden_layers=spec.num_hidden_layers, hidden_size=spec.hidden_size,
@@ -68,6 +69,24 @@ class FusionModel(nn.Module):
                 members[name].attach(backbone)  # the head's LoRA weights inside that backbone's layers
             else:
                 detach(backbone)  # adapters an earlier head wired in stay off
+
+    @staticmethod
+    def _check_identity(config: FusionConfig, backbone: FrozenBackbone) -> None:
+        """How a backbone was loaded is part of what a head was trained on: the same quantization, compute dtype and
+        (absolute) tap layers as the head's config, or a one-line refusal naming the field."""
+        want = next(b for b in config.backbones if b["name"] == backbone.name)
+        got = backbone.spec
+        n = got.num_hidden_layers
+
+        def absolute(taps):
+            return [t if t >= 0 or n is None else n + 1 + t for t in taps]
+
+        for field, theirs, ours in (("quantization", want.get("quantization"), got.quantization),
+                                    ("compute_dtype", want.get("compute_dtype"), got.compute_dtype),
+                                    ("tap_layers", absolute(want.get("tap_layers") or []), absolute(got.tap_layers))):
+            if theirs and theirs != ours:
+                raise ConfigError(f"backbone {backbone.name!r}: loaded with {field} {ours!r}, but the head was built "
+                                  f"for {theirs!r}; load the backbone as the head's config says")
 
     @staticmethod
     def _check_fingerprint(config: FusionConfig, backbone: FrozenBackbone) -> None:

@@ -135,6 +135,23 @@ def test_fingerprint_mismatch_is_refused(four_backbones, standin_paths, tmp_path
         FusionModel.from_pretrained(tmp_path / "head", backbones=swapped)
 
 
+@pytest.mark.parametrize("field, value", [("quantization", "none"), ("compute_dtype", "bfloat16"),
+                                          ("tap_layers", [1, -1])])
+def test_a_head_is_refused_on_a_backbone_loaded_otherwise(four_backbones, standin_paths, tmp_path, field, value):
+    """Quantization, compute dtype and tap layers are part of a head's identity: a head trained on nf4 backbones
+    does not load silently onto float ones, nor onto other taps."""
+    import dataclasses
+
+    model = make_model(four_backbones, standin_paths)
+    model.save_pretrained(tmp_path / "head")
+    swapped = dict(four_backbones)
+    swapped["llama"] = dataclasses.replace(four_backbones["llama"],
+                                           spec=dataclasses.replace(four_backbones["llama"].spec, **{field: value}))
+    with pytest.raises(ConfigError, match=f"backbone 'llama': loaded with {field}"):
+        FusionModel.from_pretrained(tmp_path / "head", backbones=swapped)
+    FusionModel.from_pretrained(tmp_path / "head", backbones=four_backbones)  # as trained: loads
+
+
 def test_save_is_atomic_over_an_existing_head(four_backbones, standin_paths, tmp_path, monkeypatch):
     model = make_model(four_backbones, standin_paths)
     model.save_pretrained(tmp_path / "head")
