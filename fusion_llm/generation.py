@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fusion_llm.alignment import causal_char_ends, settled_split
+from fusion_llm.alignment import causal_char_ends, prefix_tokens, settled_split
 from fusion_llm.heads import add_residual, mixed_logits
 
 
@@ -161,10 +161,9 @@ class _SourceState:
     """One prompt's view of one source: a KV cache over the token sequence it ran last, and the feature of that
     sequence's last token."""
 
-    ids: list[int] = field(default_factory=list)  # the ids in ``cache``
+    ids: list[int] = field(default_factory=list)  # the ids in ``cache``, the sequence of the last call ...
     cache: object = None
-    key: tuple | None = None  # the source's token sequence of the prefix at the last call ...
-    feats: list | None = None  # ... and its feature (None: no source token yet)
+    feats: list | None = None  # ... and the taps at its last token
 
 
 class _SourceFeatures:
@@ -195,8 +194,6 @@ class _SourceFeatures:
         then one forward over the rest."""
         from transformers import DynamicCache
 
-        if not seq:
-            return None
         shared = 0
         for a, b in zip(state.ids, seq):
             if a != b:
@@ -226,15 +223,18 @@ class _SourceFeatures:
             layers = len(self._layers(backbone))
             taps, index = [], []
             for r in rows:
-                end = int(causal_char_ends(offsets[r], len(texts[r]))[-1])
-                seq, settled = settled_split(texts[r][:end], backbone.tokenizer)
-                if not self.tails:  # the last settled token only
+                prefix = texts[r][:int(causal_char_ends(offsets[r], len(texts[r]))[-1])]
+                if self.tails:  # the source's own tokens of exactly the anchor's prefix (settled + tail)
+                    seq = prefix_tokens(backbone.tokenizer, prefix)
+                else:  # up to the last settled token
+                    seq, settled = settled_split(prefix, backbone.tokenizer)
                     seq = seq[:settled]
                 state = self.state[name][r]
-                if state.key != tuple(seq):
-                    state.feats, state.key = self._advance(backbone, state, seq), tuple(seq)
-                index.append(0 if state.feats is not None else -1)
-                taps.append(state.feats if state.feats is not None else [torch.zeros(backbone.hidden_size)] * layers)
+                if seq and seq != state.ids:
+                    state.feats = self._advance(backbone, state, seq)
+                feats = state.feats if seq else None
+                index.append(0 if feats is not None else -1)
+                taps.append(feats if feats is not None else [torch.zeros(backbone.hidden_size)] * layers)
             out[name] = ([torch.stack([t[k] for t in taps]).unsqueeze(1) for k in range(layers)],  # (n, 1, H)
                          torch.tensor(index).unsqueeze(1))  # (n, 1)
         return out
