@@ -16,7 +16,8 @@ and the head.
 Text of a generated token: the continuation is what the anchor tokenizer decodes for the prompt's
 ids followed by the generated ids, minus what it decodes for the prompt's ids alone; an incomplete
 UTF-8 sequence at the end (byte-fallback / byte-level pieces of one character) is not text yet, so
-such a token has zero width until the token completing the character arrives.
+such a token has zero width until the token completing the character arrives. `IncrementalText` gives that
+text one token at a time from a decode of the last few tokens, not of the whole text.
 """
 
 from __future__ import annotations
@@ -54,12 +55,60 @@ def _decode(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
-def continuation_text(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
-    """The text that ``new_ids`` add after ``prompt_ids`` (an incomplete trailing character left out)."""
+def _added_text(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
     base = _decode(tokenizer, prompt_ids)
     full = _decode(tokenizer, prompt_ids + new_ids)
-    text = full[len(base):] if full.startswith(base) else _decode(tokenizer, new_ids)
-    return text.rstrip("\ufffd")  # bytes of a character that is not complete yet
+    return full[len(base):] if full.startswith(base) else _decode(tokenizer, new_ids)
+
+
+def continuation_text(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
+    """The text that ``new_ids`` add after ``prompt_ids`` (an incomplete trailing character left out)."""
+    return _added_text(tokenizer, prompt_ids, new_ids).rstrip("\ufffd")  # bytes of a character not complete yet
+
+
+class IncrementalText:
+    """`continuation_text` one token at a time, without re-decoding the whole text at every step.
+
+    Each step decodes a short window: the tokens after the last committed character boundary, behind a few tokens of
+    context (text-generation-inference's prefix/read offsets). The new text is what the window's decode adds to the
+    decode of its context; an incomplete character at the end is left out and its tokens stay in the window until it
+    completes. Where the window's decode does not extend its context's (byte-fallback pieces that turn an earlier
+    run of bytes invalid), it decodes everything instead. ``text`` equals ``continuation_text(tokenizer, prompt_ids,
+    ids so far)`` after every step (tests check it on every fetched tokenizer, random ids included).
+    """
+
+    CONTEXT = 5  # non-special tokens of context before the uncommitted ones (decoders strip or merge at a start)
+
+    def __init__(self, tokenizer, prompt_ids: list[int]):
+        self.tokenizer = tokenizer
+        self.prompt_ids = list(prompt_ids)
+        self.ids = list(prompt_ids)
+        self.special = set(tokenizer.all_special_ids)
+        self.read = len(self.ids)  # tokens whose text is committed
+        self._window()
+        self.committed = ""  # the continuation through ids[:read]: it ends on a whole character
+        self.text = ""
+
+    def _window(self) -> None:
+        start, kept = self.read, 0
+        while start > 0 and kept < self.CONTEXT:  # skipped special tokens are no context
+            start -= 1
+            kept += self.ids[start] not in self.special
+        self.start, self.base = start, _decode(self.tokenizer, self.ids[start:self.read])
+
+    def add(self, token: int) -> str:
+        """Append one generated id; returns the whole continuation so far (``text``)."""
+        self.ids.append(int(token))
+        window = _decode(self.tokenizer, self.ids[self.start:])
+        if window.startswith(self.base):
+            added = self.committed + window[len(self.base):]
+        else:  # this decoder's output depends on more than the window: decode it all
+            added = _added_text(self.tokenizer, self.prompt_ids, self.ids[len(self.prompt_ids):])
+        self.text = added.rstrip("\ufffd")
+        if self.text == added:  # it ends on a whole character: commit
+            self.committed, self.read = self.text, len(self.ids)
+            self._window()
+        return self.text
 
 
 def text_and_offsets(tokenizer, prompt: str, prompt_offsets: list, prompt_ids: list[int],
@@ -80,11 +129,12 @@ def text_and_offsets(tokenizer, prompt: str, prompt_offsets: list, prompt_ids: l
     """
     offsets = [tuple(o) for o in prompt_offsets]
     end = len(prompt)
-    for k in range(len(new_ids)):
-        new_end = len(prompt) + len(continuation_text(tokenizer, prompt_ids, new_ids[: k + 1]))
+    text = IncrementalText(tokenizer, prompt_ids)
+    for token in new_ids:
+        new_end = len(prompt) + len(text.add(token))
         offsets.append((end, max(end, new_end)))
         end = max(end, new_end)
-    return prompt + continuation_text(tokenizer, prompt_ids, new_ids), offsets
+    return prompt + text.text, offsets
 
 
 def _stop_ids(tokenizer, stop_tokens) -> set[int]:
@@ -308,6 +358,7 @@ def generate(model, prompts: list[str] | str, generation_config=None, *, streame
     sources = _SourceFeatures(model, batch)
     new_tokens: list[list[int]] = [[] for _ in range(batch)]
     texts = {i: prompts[i] for i in range(batch)}
+    decoded = [IncrementalText(tokenizer, ids) for ids in prompt_ids]
     offsets = {i: list(prompt_offsets[i]) for i in range(batch)}
     active = list(range(batch))
     cache = None
@@ -358,12 +409,13 @@ def generate(model, prompts: list[str] | str, generation_config=None, *, streame
         still = []
         for r, token, done in zip(active, chosen.tolist(), finished.tolist()):
             new_tokens[r].append(token)
+            text = decoded[r].add(token)
             if done:
                 continue
             still.append(r)
             # The same spans as text_and_offsets, one token at a time.
             end = offsets[r][-1][1] if len(offsets[r]) > len(prompt_offsets[r]) else len(prompts[r])
-            texts[r] = prompts[r] + continuation_text(tokenizer, prompt_ids[r], new_tokens[r])
+            texts[r] = prompts[r] + text
             offsets[r].append((end, max(end, len(texts[r]))))
         sequence.append(column.unsqueeze(1))
         timings["anchor"] += t1 - t0
@@ -382,7 +434,7 @@ def generate(model, prompts: list[str] | str, generation_config=None, *, streame
     head.train(head_was_training)
     if streamer is not None:
         streamer.end()
-    texts_out = [continuation_text(tokenizer, prompt_ids[i], new_tokens[i]) for i in range(batch)]
+    texts_out = [d.text for d in decoded]
     timings.update(total=time.perf_counter() - started, source_runs=sources.runs, source_tokens_run=sources.tokens_run,
                    generated_tokens=sum(len(x) for x in new_tokens))
     return GenerationOutput(torch.cat(sequence, dim=1), new_tokens, texts_out, timings)

@@ -36,22 +36,48 @@ from fusion_llm.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-def anchor_only_model(config, anchor):
-    """A `FusionModel` over the anchor of ``config`` alone under a fresh LM head: the residual starts at zero, so
-    its logits are the anchor's own exactly (the baseline beside a trained head). Its member adapters are left
-    out (``lora_rank: 0``)."""
+def alone_model(backbone, shared_width: int = 64):
+    """A `FusionModel` over one backbone (loaded with its LM head) alone, under a fresh LM head: the residual starts
+    at zero, so its logits are the backbone's own exactly (the baseline beside a trained head; any member scored
+    through the same adapter). Member adapters are left out (``lora_rank: 0``)."""
+    import dataclasses
+
     from fusion_llm.config import FusionConfig
     from fusion_llm.modeling import FusionModel
 
-    spec = {**next(b for b in config.backbones if b["anchor"]), "lora_rank": 0}
-    fresh = FusionConfig(backbones=[spec], shared_width=config.shared_width, head={"kind": "lm"})
+    spec = {**dataclasses.asdict(backbone.spec), "anchor": True, "lora_rank": 0, "lora_modules": None}
+    fresh = FusionConfig(backbones=[spec], shared_width=shared_width, head={"kind": "lm"})
     torch.manual_seed(0)
-    return FusionModel(fresh, {spec["name"]: anchor})
+    return FusionModel(fresh, {backbone.name: backbone})
+
+
+def continuation_accuracy(lm, n: int = 100, seed: int = 0, folder: str | Path | None = None) -> dict:
+    """``acc`` and ``acc_norm`` of an ``lm_eval`` model on the local task ``fusion_continuation``, per domain and over
+    all items (``lm_eval.simple_evaluate``): ``{"acc": {domain: value, ..., "all": value}, "acc_norm": {...},
+    "items": {domain: count}}``. The task is built (``n`` items per domain, ``seed``) into ``folder`` (default the
+    cache's task folder)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from fusion_llm.data.continuation import TASK, build_continuation_tasks, is_built, task_dir
+
+    built = Path(folder or task_dir())
+    if not is_built(built, n, seed):  # built once: workers scoring side by side read the same files
+        built = build_continuation_tasks(n=n, seed=seed, out_dir=built)
+    manager = TaskManager(include_path=str(built), include_defaults=False)
+    results = lm_eval.simple_evaluate(model=lm, tasks=[TASK], task_manager=manager, log_samples=False)
+    rows = {name.removeprefix(f"{TASK}_"): values for name, values in results["results"].items() if name != TASK}
+    out = {"items": {d: results["n-samples"][f"{TASK}_{d}"]["effective"] for d in rows}}
+    for metric in ("acc", "acc_norm"):
+        out[metric] = {d: values[f"{metric},none"] for d, values in rows.items()}
+        total = sum(out["items"].values())
+        out[metric]["all"] = sum(out[metric][d] * out["items"][d] for d in rows) / max(total, 1)
+    return out
 
 
 def load_fused(head: str | Path, *, anchor_only: bool = False, device: str | None = None):
     """A saved LM head (``FusionModel.from_pretrained``) with its backbones; with ``anchor_only`` only the anchor
-    loads, under a fresh head (`anchor_only_model`). A folder without a saved head is a `ConfigError`."""
+    loads, under a fresh head (`alone_model`). A folder without a saved head is a `ConfigError`."""
     from fusion_llm.backbones import load_backbone
     from fusion_llm.config import FusionConfig
     from fusion_llm.modeling import FusionModel
@@ -71,7 +97,7 @@ def load_fused(head: str | Path, *, anchor_only: bool = False, device: str | Non
     for part in ("config", "tokenizer", "weights"):
         if expected.get(part) and anchor.fingerprint.get(part) and expected[part] != anchor.fingerprint[part]:
             raise ConfigError(f"backbone {anchor.name!r}: its {part} does not match the one this head was trained on")
-    return anchor_only_model(config, anchor)
+    return alone_model(anchor, config.shared_width)
 
 
 def plan_windows(length: int, first: int, max_length: int) -> list[tuple[int, int, int]]:
@@ -98,7 +124,7 @@ class FusedLM(LM):
     Args:
         model: an in-memory `FusionModel` with an LM head (else ``head`` is loaded).
         head: a saved head folder (``model_args="head=PATH"``).
-        anchor_only: evaluate the anchor alone (`anchor_only_model`) - the baseline.
+        anchor_only: evaluate the anchor alone (`alone_model`) - the baseline.
         batch_size: windows per fused forward / prompts per ``generate`` call ("auto" is 8).
         max_length: anchor positions per window (default the anchor's ``max_length``).
         max_gen_toks: tokens generated when a request does not say (``max_gen_toks``).
@@ -117,7 +143,7 @@ class FusedLM(LM):
                 raise ConfigError("fusion_llm: give a FusionModel or model_args='head=PATH' (a saved LM head)")
             model = load_fused(head, anchor_only=_flag(anchor_only), device=device)
         elif _flag(anchor_only):
-            model = anchor_only_model(model.config, model.anchor)
+            model = alone_model(model.anchor, model.config.shared_width)
         if model.anchor is None or model.anchor.lm_head is None or model.config.head_spec.kind != "lm":
             raise ConfigError("fusion_llm: the harness needs an LM fusion model (head.kind: lm)")
         anchor_device = model.anchor.device

@@ -258,6 +258,29 @@ def test_simple_evaluate_runs_on_the_local_task(untrained, small_corpora, tmp_pa
     assert 0.0 <= results["groups"]["fusion_continuation"]["acc,none"] <= 1.0
 
 
+def test_continuation_accuracy_of_a_member_alone_equals_hflm_on_its_model_with_fresh_lora(backbones, small_corpora,
+                                                                                        standin_paths, tmp_path):
+    """The two paths the LM tracks score the task through: FusedLM over a member alone (zero residual) and lm_eval's
+    HFLM over a peft model (LoRA at init changes nothing) give the same accuracy, per domain and overall."""
+    from lm_eval.models.huggingface import HFLM
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from fusion_llm.harness import FusedLM, alone_model, continuation_accuracy
+
+    anchor = backbones["mistral"]
+    ours = continuation_accuracy(FusedLM(alone_model(anchor)), n=6, folder=tmp_path / "task")
+    model = AutoModelForCausalLM.from_pretrained(standin_paths["mistral"], dtype=torch.float32).eval()
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    theirs = continuation_accuracy(HFLM(pretrained=peft_model, tokenizer=anchor.tokenizer, add_bos_token=True,
+                                        batch_size=4, device="cpu"), n=6, folder=tmp_path / "task")
+    assert ours["items"] == theirs["items"] and 0 < sum(ours["items"].values()) <= 18
+    for metric in ("acc", "acc_norm"):
+        assert ours[metric] == pytest.approx(theirs[metric])
+        total = sum(ours[metric][d] * n for d, n in ours["items"].items()) / sum(ours["items"].values())
+        assert ours[metric]["all"] == pytest.approx(total)
+
+
 def _script():
     spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts" / "lm_harness.py")
     module = importlib.util.module_from_spec(spec)

@@ -77,6 +77,7 @@ class RealPreset:
     variants: tuple = ("deep",)  # fused variants (VARIANTS) trained with each anchor
     control_lora_lrs: tuple = ()  # ((member, lr), ...): each LoRA control's own rate; default lora_lr
     member_lrs: tuple = ()  # ((member, lr), ...): the fused model's member adapters' own rates; default lora_lr
+    task_items: int = 0  # items per domain of the harness task scored for every entry (0: not scored; --task-items)
 
     def control(self, member: str) -> "RealPreset":
         """The preset of the LoRA control on ``member`` (its own learning rate)."""
@@ -85,7 +86,7 @@ class RealPreset:
     def to_dict(self) -> dict:
         """The fields one stage's training reads (its cache recipe): which variants run is not one of them."""
         return {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in ("variants", "control_lora_lrs") and not (k == "mixer_lr" and v is None)
+                if k not in ("variants", "control_lora_lrs", "task_items") and not (k == "mixer_lr" and v is None)
                 and not (k == "member_lrs" and not v)}
 
 
@@ -180,8 +181,12 @@ def _greedy(model_dir: Path, spec, prompt: str, n: int) -> str:
     return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def task_alone(name: str, members: dict, preset: RealPreset, threads: int) -> dict:
-    """One member alone: bits/byte on test and validation rows, and a greedy sample."""
+def _task_folder(cache: Path) -> Path:
+    return cache.parent / "harness_task"
+
+
+def task_alone(name: str, members: dict, preset: RealPreset, cache: Path, threads: int) -> dict:
+    """One member alone: bits/byte on test and validation rows, the harness task's accuracy, a greedy sample."""
     _quiet(threads)
     from fusion_llm.backbones import load_backbone
 
@@ -192,6 +197,7 @@ def task_alone(name: str, members: dict, preset: RealPreset, threads: int) -> di
     entry = _entry(f"{LABELS.get(name, name)} alone", "backbone", test, vocabulary=name, model_dir=spec.model,
                    validation_bits_per_byte=sum(val.values(), start=type(val[DOMAINS[0]])()).bits_per_byte)
     entry["sample"] = _greedy(Path(spec.model), spec, PROMPT, preset.gen_tokens)
+    entry["task_accuracy"] = lm_track.task_accuracy(backbone, preset.task_items, _task_folder(cache))
     return entry
 
 
@@ -214,7 +220,8 @@ def task_lora(name: str, members: dict, preset: RealPreset, target: int, cache: 
            _texts("validation", preset.val_rows).items()}
     return _entry(f"LoRA r={info['rank']} on {LABELS.get(name, name)} ({info['steps']} steps)", "lora", test,
                   vocabulary=name, trainable_params=info["trainable_params"], lora=info, member=name,
-                  validation_bits_per_byte=sum(val.values(), start=type(val[DOMAINS[0]])()).bits_per_byte)
+                  validation_bits_per_byte=sum(val.values(), start=type(val[DOMAINS[0]])()).bits_per_byte,
+                  task_accuracy=lm_track.task_accuracy(model, preset.task_items, _task_folder(cache), tokenizer))
 
 
 def task_fused(anchor: str, members: dict, preset: RealPreset, head: dict, cache: Path, threads: int,
@@ -257,7 +264,8 @@ def task_fused(anchor: str, members: dict, preset: RealPreset, head: dict, cache
                   trainable_params=sum(p.numel() for p in model.head.parameters()), anchor=anchor,
                   fusion_model=head, member_ranks=ranks or {}, validation_bits_per_byte=sum(val, start=type(val[0])()).bits_per_byte,
                   train_seconds=summary.get("train_seconds"), sample=sample,
-                  train_summary={k: summary.get(k) for k in ("steps", "final", "anchor_eval")})
+                  train_summary={k: summary.get(k) for k in ("steps", "final", "anchor_eval")},
+                  task_accuracy=lm_track.task_accuracy(model, preset.task_items, _task_folder(cache)))
 
 
 def _fused_kwargs(kind: str, name: str, heads: dict) -> dict:
@@ -295,16 +303,20 @@ def render_table(results: dict) -> str:
     best = {d: min(e["bits_per_byte"][d] for e in entries) for d in COLUMNS}
     lines = [f"# Real-members track — bits per byte, preset `{results['preset']}`", "",
              f"Test rows per domain: {results['eval_rows']} (validation rows per domain: {results['val_rows']}). "
-             "Lower is better; every model in nf4.", "",
-             "| model | group | " + " | ".join(COLUMNS) + " | validation | trainable |",
-             "|---|---|" + "---:|" * (len(COLUMNS) + 2)]
+             "Lower is better; every model in nf4."
+             + (f" Task acc: accuracy on the harness task `fusion_continuation` ({results['task_items']} "
+                "test items per domain, 4 choices, chance 0.25; `fusion_llm.harness`)."
+                if results.get("task_items") else ""), "",
+             "| model | group | " + " | ".join(COLUMNS) + " | validation | trainable | task acc |",
+             "|---|---|" + "---:|" * (len(COLUMNS) + 3)]
     for e in entries:
         cells = [(f"**{e['bits_per_byte'][d]:.3f}**" if e["bits_per_byte"][d] == best[d]
                   else f"{e['bits_per_byte'][d]:.3f}") for d in COLUMNS]
         name = f"{e['name']} (headline)" if e.get("headline") else e["name"]
         trainable = f"{e['trainable_params']:,}" if e.get("trainable_params") else ""
         lines.append(f"| {name} | {e['group']} | " + " | ".join(cells)
-                     + f" | {e.get('validation_bits_per_byte', float('nan')):.3f} | {trainable} |")
+                     + f" | {e.get('validation_bits_per_byte', float('nan')):.3f} | {trainable} | "
+                     + f"{lm_track.accuracy_cell(e)} |")
     t = results["targets"]
     lines += ["", f"Targets (headline: {t['headline']}, chosen on validation): below the best member and the best "
               "member's LoRA on every column"]
@@ -322,13 +334,14 @@ def render_table(results: dict) -> str:
 
 # ---- the track ---------------------------------------------------------------------------------------------
 def run_real_track(preset: str, out_dir: Path, *, members: dict | None = None, workers: int = 2,
-                   provision: bool = True, log=print) -> dict:
+                   provision: bool = True, task_items: int | None = None, log=print) -> dict:
     """Run the track; results into ``out_dir`` (``real_results.json`` / ``.md`` and ``results.json``).
 
     Args:
         members: ``{name: (model folder or "cache:...", tap layers)}`` (default the two real members).
         workers: worker processes (one torch thread each); 0 runs every task in this process.
         provision: fetch and convert the real members first when they are missing.
+        task_items: items per domain of the harness task each entry is scored on (default the preset's; 0: none).
     """
     try:
         p = PRESETS[preset]
@@ -347,6 +360,12 @@ def run_real_track(preset: str, out_dir: Path, *, members: dict | None = None, w
         fetch(log=log)
         seconds["provisioning (cached once converted)"] = round(time.perf_counter() - started, 1)
     lm_track.ensure_corpora(log)
+    if task_items is not None:
+        p = dataclasses.replace(p, task_items=task_items)
+    if p.task_items:
+        from fusion_llm.data.continuation import build_continuation_tasks
+
+        build_continuation_tasks(n=p.task_items, out_dir=_task_folder(cache))  # once, before the workers read it
 
     heads, targets = {}, {}
     for name in members:
@@ -362,7 +381,7 @@ def run_real_track(preset: str, out_dir: Path, *, members: dict | None = None, w
     jobs = [(f"fused-{v}", n, (task_fused, n, members, p, heads[(v, n)][0], cache))
             for v in p.variants for n in members]
     jobs += [("lora", n, (task_lora, n, members, p.control(n), targets[n], cache)) for n in members]
-    jobs += [("alone", n, (task_alone, n, members, p)) for n in members]
+    jobs += [("alone", n, (task_alone, n, members, p, cache)) for n in members]
     results_by_job = {}
     started = time.perf_counter()
     if workers:
@@ -393,7 +412,7 @@ def run_real_track(preset: str, out_dir: Path, *, members: dict | None = None, w
                    f"{torch.__version__}, {workers or 1} process(es) x 1 torch thread, load average "
                    f"{os.getloadavg()[0]:.1f}",
         "config": p.to_dict(), "members": {n: [str(_resolve(m)), t] for n, (m, t) in members.items()},
-        "eval_rows": p.eval_rows, "val_rows": p.val_rows,
+        "eval_rows": p.eval_rows, "val_rows": p.val_rows, "task_items": p.task_items,
         "schedule": (f"fusion head and LoRA: {p.head_steps} steps, batch {p.head_batch} x {p.head_seq} anchor "
                      f"tokens, AdamW cosine, warmup {p.head_warmup}, lr {p.head_lr} head / {p.lora_lr} member adapters / "
                      + ", ".join(f"{p.control(n).lora_lr} LoRA on {n}" for n in members) + ", "
@@ -586,6 +605,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wallclock-lora", action="store_true",
                         help="control: LoRA on the headline's anchor given the headline's training time "
                              "(after a track run)")
+    parser.add_argument("--task-items", type=int, default=None,
+                        help="score every entry on the harness task fusion_continuation, this many test items per "
+                             "domain (default the preset's: 0, not scored; ~1-3 s per item and model on 1 thread)")
     args = parser.parse_args(argv)
     _quiet(1)
     out_dir = Path(args.out) if args.out else ROOT / "results" / "compare_merges" / args.preset
@@ -603,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.wallclock_lora:
             wallclock_lora(args.preset, out_dir)
         else:
-            run_real_track(args.preset, out_dir, workers=args.workers)
+            run_real_track(args.preset, out_dir, workers=args.workers, task_items=args.task_items)
     except Exception as e:  # one line for what a user can fix (a missing member, no network)
         if type(e).__name__ in ("RealMemberError", "ConfigError"):
             print(f"real_track: error: {' '.join(str(e).split())}", file=sys.stderr)

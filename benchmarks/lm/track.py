@@ -237,6 +237,34 @@ def score_alone(backbone, texts: dict[str, list[str]]) -> dict:
     return {d: score_causal_lm(fn, backbone.tokenizer, t, max_positions=backbone.max_length) for d, t in texts.items()}
 
 
+def task_accuracy(model, n: int, folder: Path, tokenizer=None) -> dict | None:
+    """Accuracy on the harness task ``fusion_continuation`` (``n`` test items per domain,
+    `fusion_llm.harness.continuation_accuracy`; None when ``n`` is 0) of a `FusionModel` (through `FusedLM`), of a
+    frozen backbone with its LM head (alone: `alone_model`), or of a transformers / peft model with ``tokenizer``
+    (lm_eval's own ``HFLM``, BOS added as the tokenizer adds it for training)."""
+    if not n:
+        return None
+    from fusion_llm.harness import FusedLM, alone_model, continuation_accuracy
+    from fusion_llm.modeling import FusionModel
+
+    if isinstance(model, FusionModel):
+        lm = FusedLM(model)
+    elif tokenizer is None:
+        lm = FusedLM(alone_model(model))
+    else:
+        from lm_eval.models.huggingface import HFLM
+
+        adds_bos = tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=8, add_bos_token=adds_bos, device="cpu")
+    return continuation_accuracy(lm, n=n, folder=folder)
+
+
+def accuracy_cell(entry: dict) -> str:
+    """The table cell of an entry's task accuracy (all items; ``acc``)."""
+    acc = entry.get("task_accuracy")
+    return f"{acc['acc']['all']:.3f}" if acc else ""
+
+
 # ---- the fused model ---------------------------------------------------------------------------------
 def fused_run_config(preset: LMPreset, dirs: dict[str, Path], output_dir: Path, model: dict | None = None):
     from fusion_llm.data.corpora import corpus_files

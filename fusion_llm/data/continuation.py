@@ -120,6 +120,16 @@ def _group_yaml(tasks: list[str]) -> str:
     ])
 
 
+def is_built(folder: str | Path, n: int, seed: int, words: int = 8, text_root: str | Path | None = None) -> bool:
+    """Whether ``folder`` holds the task `build_continuation_tasks` would write for these arguments and corpora."""
+    path = Path(folder) / "manifest.json"
+    if not path.is_file():
+        return False
+    manifest, text = json.loads(path.read_text()), corpora.read_manifest(text_root)
+    return (manifest.get("n"), manifest.get("seed"), manifest.get("words"), manifest.get("corpora")) == (
+        n, seed, words, {"seed": text.get("seed"), "sizes": text.get("sizes")})
+
+
 def build_continuation_tasks(n: int = 100, seed: int = 0, words: int = 8, out_dir: str | Path | None = None,
                              text_root: str | Path | None = None) -> Path:
     """Write the task's JSONL and YAML files (see the module docstring) and return their folder.
@@ -134,8 +144,9 @@ def build_continuation_tasks(n: int = 100, seed: int = 0, words: int = 8, out_di
     Raises:
         FileNotFoundError: the corpora are not prepared (the message says how).
     """
-    if n < 1 or words < 1:
-        raise ValueError(f"n and words must be positive, got n={n}, words={words}")
+    if n < CHOICES or words < 1:
+        raise ValueError(f"n must be at least {CHOICES} (the choices of an item come from other items) and words "
+                         f"positive, got n={n}, words={words}")
     out = Path(out_dir or task_dir())
     manifest = corpora.read_manifest(text_root)
     counts, tasks = {}, []

@@ -27,7 +27,7 @@ def test_micro_real_track_scores_members_lora_and_both_anchors(real_track, tmp_p
     out = tmp_path / "out"
     out.mkdir()
     (out / "results.json").write_text(json.dumps({"track": "grokking"}))
-    results = module.run_real_track("micro", out, members=members, workers=0, log=lambda *_: None)
+    results = module.run_real_track("micro", out, members=members, workers=0, task_items=4, log=lambda *_: None)
 
     groups = [e["group"] for e in results["entries"]]
     assert groups == ["backbone", "backbone", "lora", "lora", "fused", "fused"]
@@ -45,6 +45,10 @@ def test_micro_real_track_scores_members_lora_and_both_anchors(real_track, tmp_p
             assert abs(e["params_vs_head"]) <= 0.05, e["params_vs_head"]
             assert e["lora"]["steps"] == module.PRESETS["micro"].head_steps
     assert all(isinstance(e.get("sample"), str) for e in results["entries"] if e["group"] != "lora")
+    for e in results["entries"]:  # every entry scored on the harness task, through FusedLM or HFLM (LoRA)
+        acc = e["task_accuracy"]
+        assert set(acc["items"]) == {"shakespeare", "code", "prose"} and all(0 < n <= 4 for n in acc["items"].values())
+        assert all(0.0 <= v <= 1.0 for v in acc["acc"].values()) and "all" in acc["acc_norm"]
     targets = results["targets"]
     assert set(targets["per_column"]) == {"shakespeare", "code", "prose", "mixture"}
     best = min(e["bits_per_byte"]["mixture"] for e in results["entries"] if e["group"] in ("backbone", "lora"))
@@ -52,7 +56,8 @@ def test_micro_real_track_scores_members_lora_and_both_anchors(real_track, tmp_p
 
     shared = json.loads((out / "results.json").read_text())
     assert shared["track"] == "grokking" and shared["real_track"]["preset"] == "micro"  # the other entry kept
-    assert (out / "real_results.md").read_text().startswith("# Real-members track")
+    table = (out / "real_results.md").read_text()
+    assert table.startswith("# Real-members track") and "| task acc |" in table
     assert not list(out.glob(".*.tmp"))
 
 
