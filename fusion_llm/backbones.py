@@ -27,6 +27,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from fusion_llm.config import BackboneSpec, ConfigError
+from fusion_llm.paths import cache_dir, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -49,23 +50,67 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(json.dumps(backend, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def weights_fingerprint(model_dir: str) -> str | None:
-    """A cheap signature of local weight files (size + first and last 64 KiB of each); None for hub ids.
+WEIGHTS_FINGERPRINT = "sha256:"  # the scheme prefix of a full-content weights fingerprint
+_BLOB = re.compile(r"[0-9a-f]{64}")
 
-    Two fine-tunes of one base share config and tokenizer; this tells them apart without hashing gigabytes.
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's whole content.
+
+    A file of a Hugging Face hub snapshot links to a blob named by that sha256 (the hub records it for every LFS
+    file): the name is taken, nothing is read. Any other file is hashed once; the result is memoised in
+    ``$FUSION_LLM_CACHE/weights_sha256.json`` by (path, size, mtime), so a changed file is hashed again.
     """
-    files = sorted(Path(model_dir).glob("*.safetensors")) if Path(model_dir).is_dir() else []
+    path = Path(path)
+    real = path.resolve()
+    if path.is_symlink() and real.parent.name == "blobs" and _BLOB.fullmatch(real.name):
+        return real.name
+    stat = real.stat()
+    key = f"{real}:{stat.st_size}:{stat.st_mtime_ns}"
+    memo_path = cache_dir() / "weights_sha256.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if key not in memo:
+        digest = hashlib.sha256()
+        with real.open("rb") as fh:
+            while chunk := fh.read(1 << 24):
+                digest.update(chunk)
+        memo[key] = digest.hexdigest()
+        try:
+            write_json_atomic(memo_path, memo)
+        except OSError:  # a read-only cache: hash again next time
+            pass
+    return memo[key]
+
+
+def _weight_files(model: str, revision: str | None) -> list[Path]:
+    folder = Path(model)
+    if not folder.is_dir():  # a hub id: its snapshot in the local hub cache, if there
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(model, revision=revision, local_files_only=True,
+                                            allow_patterns=["*.safetensors", "*.bin"]))
+        except Exception:  # not in the cache (or not a hub id): no fingerprint
+            return []
+    return sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+
+
+def weights_fingerprint(model: str, revision: str | None = None) -> str | None:
+    """``sha256:`` + a hash over every weights file's name and full-content sha256 (`file_sha256`: the hub's own
+    record for hub snapshots, hashed once and memoised for local folders); None where no weights file is found.
+
+    Two fine-tunes of one base share config and tokenizer; this tells them apart, whichever bytes differ.
+    """
+    files = _weight_files(model, revision)
     if not files:
         return None
     digest = hashlib.sha256()
     for f in files:
-        size = f.stat().st_size
-        digest.update(f"{f.name}:{size}".encode())
-        with f.open("rb") as fh:
-            digest.update(fh.read(1 << 16))
-            fh.seek(max(0, size - (1 << 16)))
-            digest.update(fh.read(1 << 16))
-    return digest.hexdigest()[:16]
+        digest.update(f"{f.name}:{file_sha256(f)}\n".encode())
+    return WEIGHTS_FINGERPRINT + digest.hexdigest()[:32]
 
 
 def quantization_config(spec: BackboneSpec) -> BitsAndBytesConfig | None:
@@ -304,7 +349,7 @@ def load_backbone(
     fingerprint = {
         "config": config_fingerprint(full_config),
         "tokenizer": tokenizer_fingerprint(tokenizer),
-        "weights": weights_fingerprint(spec.model),
+        "weights": weights_fingerprint(spec.model, spec.revision),
     }
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token

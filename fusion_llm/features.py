@@ -2,8 +2,8 @@
 
 Backbones are frozen, so their features for a fixed dataset never change: compute them once,
 store them as Arrow (memory-mapped by ``datasets``), and train the head from the cache without
-running any backbone. The cache key hashes the backbones' fingerprints, the taps, the pooling and
-the tokenized data, so a change in any of them is a miss.
+running any backbone. The cache key hashes the backbones' ids, revisions and fingerprints, the taps, the
+pooling, the tokenized data and this module's ``FEATURES_VERSION``, so a change in any of them is a miss.
 """
 
 from __future__ import annotations
@@ -21,11 +21,16 @@ from fusion_llm.config import ConfigError
 from fusion_llm.modeling import FusionModel
 
 
+FEATURES_VERSION = 2  # bump when the code that computes the features changes what it stores
+
+
 def cache_key(model: FusionModel, data_fingerprint: str) -> str:
-    """Hash of what determines the features: backbones (config, tokenizer, weights), taps, pooling, data."""
+    """Hash of what determines the features: backbones (id, revision, config, tokenizer, weights), taps, pooling,
+    data, and the feature code's version."""
     parts = {
-        "backbones": {n: [b.fingerprint, b.spec.resolved_taps(), b.spec.quantization, b.spec.compute_dtype]
-                      for n, b in model.backbones.items()},
+        "version": FEATURES_VERSION,
+        "backbones": {n: [b.spec.model, b.spec.revision, b.fingerprint, b.spec.resolved_taps(), b.spec.quantization,
+                          b.spec.compute_dtype] for n, b in model.backbones.items()},
         "pooling": model.config.head["pooling"],
         "data": data_fingerprint,
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from fusion_llm.alignment import tail_attention_mask
-from fusion_llm.backbones import FrozenBackbone, load_backbone
+from fusion_llm.backbones import WEIGHTS_FINGERPRINT, FrozenBackbone, load_backbone
 from fusion_llm.budget import check_budget
 from fusion_llm.config import FusionConfig
 from fusion_llm.errors import ConfigError
@@ -18,6 +19,8 @@ from fusion_llm.generation import generate
 from fusion_llm.heads import FusionHead, FusionOutput, add_residual, mixed_logits, pool
 from fusion_llm.member_lora import detach
 from fusion_llm.vocab_bridge import bridge_for, top_log_probs
+
+log = logging.getLogger(__name__)
 
 __all__ = ["FusionHead", "FusionModel", "FusionOutput", "add_residual", "mixed_logits", "own_token_loss"]
 
@@ -47,7 +50,8 @@ class FusionModel(nn.Module):
     ``.to()`` see the head only): they are frozen, quantized, and placed by ``from_pretrained``.
     """
 
-    def __init__(self, config: FusionConfig, backbones: dict[str, FrozenBackbone], head: FusionHead | None = None):
+    def __init__(self, config: FusionConfig, backbones: dict[str, FrozenBackbone], head: FusionHead | None = None,
+                 verify_weights: bool = True):
         super().__init__()
         names = [b["name"] for b in config.backbones]
         missing = [n for n in names if n not in backbones]
@@ -55,7 +59,7 @@ class FusionModel(nn.Module):
             raise ConfigError(f"backbones {missing} are named in the config but were not given")
         for name in names:
             self._check_identity(config, backbones[name])
-            self._check_fingerprint(config, backbones[name])
+            self._check_fingerprint(config, backbones[name], verify_weights)
             spec = backbones[name].spec
             config.set_backbone_fields(name, num_hidden_layers=spec.num_hidden_layers, hidden_size=spec.hidden_size,
                                        max_position_embeddings=spec.max_position_embeddings)
@@ -89,13 +93,28 @@ class FusionModel(nn.Module):
                                   f"for {theirs!r}; load the backbone as the head's config says")
 
     @staticmethod
-    def _check_fingerprint(config: FusionConfig, backbone: FrozenBackbone) -> None:
+    def _check_fingerprint(config: FusionConfig, backbone: FrozenBackbone, verify_weights: bool = True) -> None:
         expected = (config.fingerprints or {}).get(backbone.name)
         if not expected:
             return
         for part in ("config", "tokenizer", "weights"):
             want, got = expected.get(part), backbone.fingerprint.get(part)
-            if want and got and want != got:
+            if not want:
+                continue
+            if part == "weights" and not want.startswith(WEIGHTS_FINGERPRINT):
+                log.warning("backbone %r: the head was saved by an older fusion_llm that fingerprinted only part of "
+                            "the weights; they are not verified (save the head again to record them)", backbone.name)
+                continue
+            if got is None:
+                if verify_weights:
+                    raise ConfigError(
+                        f"backbone {backbone.name!r}: its {part} cannot be fingerprinted (no *.safetensors or *.bin in "
+                        f"{backbone.spec.model!r}, nor a snapshot of it in the local hub cache), so the head cannot "
+                        "check they are the ones it was trained on; pass verify_weights=False (scripts: "
+                        "--unverified-weights) to load anyway")
+                log.warning("backbone %r: %s not verified (verify_weights=False)", backbone.name, part)
+                continue
+            if want != got:
                 raise ConfigError(
                     f"backbone {backbone.name!r}: its {part} does not match the one this head was trained on "
                     f"(fingerprint {got} != {want}); load the head onto the backbone it was trained with"
@@ -137,20 +156,19 @@ class FusionModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, backbones: dict[str, FrozenBackbone] | None = None,
-                        device_map=None) -> "FusionModel":
+                        device_map=None, verify_weights: bool = True) -> "FusionModel":
         """Load a saved head and attach it to its backbones (loaded from the config, or given).
 
-        A backbone whose config, tokenizer or weights differ from the ones the head was trained on is refused.
+        A backbone whose config, tokenizer or weights differ from the ones the head was trained on is refused, and
+        so is one whose weights cannot be fingerprinted unless ``verify_weights=False``.
         """
         path = Path(path)
         if not (path / "config.json").is_file():
             raise ConfigError(f"{path}: no saved fusion head here (config.json missing)")
         config = FusionConfig.from_pretrained(path)
         backbones = backbones or cls.load_backbones(config, device_map)
-        for name, backbone in backbones.items():
-            cls._check_fingerprint(config, backbone)
         head = FusionHead.from_pretrained(path, config=config)
-        return cls(config, backbones, head)
+        return cls(config, backbones, head, verify_weights=verify_weights)
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write config.json (backbones, taps, quantization, fingerprints) and the head's weights only.

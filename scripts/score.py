@@ -52,10 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-column", default="text", help="column of the texts in JSON files (default text)")
     parser.add_argument("--max-rows", type=int, default=None, help="score at most this many texts per file")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--unverified-weights", action="store_true",
+                        help="load even where a backbone's weights cannot be fingerprinted (not recommended)")
     args = parser.parse_args(argv)
     try:
         texts = {path: read_texts(path, args.text_column, args.max_rows) for path in args.files}
-        model = FusionModel.from_pretrained(args.head)
+        model = FusionModel.from_pretrained(args.head, verify_weights=not args.unverified_weights)
         if model.config.head_spec.kind != "lm":
             raise ConfigError(f"{args.head}: a {model.config.head_spec.kind} head; bits per byte needs an LM head")
         anchor = model.anchor

@@ -86,3 +86,38 @@ def test_a_checkpoint_that_does_not_fit_its_config_is_refused_naming_the_backbon
         load_backbone(spec)
     # truncated at layer 1 the dropped weight of layer 1 is still needed; above the deepest tap nothing is
     load_backbone(BackboneSpec(name="ok", model=standin_paths["mistral"], tap_layers=[1], compute_dtype="float32"))
+
+
+def test_weights_fingerprint_covers_every_byte_and_is_memoised(standin_paths, tmp_path, monkeypatch):
+    """A change anywhere in a weights file (here one byte in the middle) changes the fingerprint; a file is hashed
+    once per (path, size, mtime)."""
+    import hashlib
+    import shutil
+
+    from fusion_llm import backbones as B
+
+    monkeypatch.setenv("FUSION_LLM_CACHE", str(tmp_path / "cache"))
+    folder = shutil.copytree(standin_paths["mistral"], tmp_path / "mistral")
+    before = B.weights_fingerprint(str(folder))
+    assert before.startswith(B.WEIGHTS_FINGERPRINT)
+    weights = folder / "model.safetensors"
+    calls = []
+    real_sha256 = hashlib.sha256
+    monkeypatch.setattr(B.hashlib, "sha256", lambda *a: calls.append(1) or real_sha256(*a))
+    assert B.weights_fingerprint(str(folder)) == before and len(calls) == 1  # the file's hash came from the memo
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert B.weights_fingerprint(str(folder)) != before  # same size, first and last 64 KiB unchanged
+
+
+def test_a_hub_snapshot_file_is_fingerprinted_by_its_blob_name_without_reading_it(tmp_path):
+    from fusion_llm.backbones import file_sha256
+
+    sha = "ab" * 32
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / sha).write_bytes(b"not what the name says")  # never read: the hub recorded the sha256
+    (tmp_path / "snapshots" / "c0ffee").mkdir(parents=True)
+    link = tmp_path / "snapshots" / "c0ffee" / "model.safetensors"
+    link.symlink_to(tmp_path / "blobs" / sha)
+    assert file_sha256(link) == sha

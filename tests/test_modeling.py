@@ -135,6 +135,27 @@ def test_fingerprint_mismatch_is_refused(four_backbones, standin_paths, tmp_path
         FusionModel.from_pretrained(tmp_path / "head", backbones=swapped)
 
 
+def test_weights_that_cannot_be_fingerprinted_are_refused_unless_asked(four_backbones, standin_paths, tmp_path,
+                                                                         caplog):
+    import dataclasses
+
+    model = make_model(four_backbones, standin_paths)
+    model.save_pretrained(tmp_path / "head")
+    unknown = dict(four_backbones)
+    llama = four_backbones["llama"]
+    unknown["llama"] = dataclasses.replace(llama, fingerprint={**llama.fingerprint, "weights": None})
+    with pytest.raises(ConfigError, match="backbone 'llama': its weights cannot be fingerprinted.*verify_weights=False"):
+        FusionModel.from_pretrained(tmp_path / "head", backbones=unknown)
+    FusionModel.from_pretrained(tmp_path / "head", backbones=unknown, verify_weights=False)
+    # a head saved before weights were fingerprinted in full: loads, and says the weights are not verified
+    config = json.loads((tmp_path / "head" / "config.json").read_text())
+    config["fingerprints"]["llama"]["weights"] = "0123456789abcdef"
+    (tmp_path / "head" / "config.json").write_text(json.dumps(config))
+    with caplog.at_level("WARNING"):
+        FusionModel.from_pretrained(tmp_path / "head", backbones=four_backbones)
+    assert "older fusion_llm" in caplog.text
+
+
 @pytest.mark.parametrize("field, value", [("quantization", "none"), ("compute_dtype", "bfloat16"),
                                           ("tap_layers", [1, -1])])
 def test_a_head_is_refused_on_a_backbone_loaded_otherwise(four_backbones, standin_paths, tmp_path, field, value):
@@ -189,3 +210,19 @@ def test_a_failed_final_rename_puts_the_old_head_back(four_backbones, standin_pa
 
 def test_every_registered_fusion_is_covered():
     assert set(available_fusions()) == {"concat", "weighted", "gated", "attention"}
+
+
+def test_feature_cache_key_names_model_id_revision_and_code_version(four_backbones, standin_paths, monkeypatch):
+    import dataclasses
+
+    from fusion_llm import features
+
+    model = make_model(four_backbones, standin_paths)
+    key = features.cache_key(model, "data")
+    assert features.cache_key(model, "data") == key and features.cache_key(model, "other data") != key
+    llama = four_backbones["llama"]
+    for change in ({"revision": "v2"}, {"model": "org/llama-copy"}):
+        moved = {**four_backbones, "llama": dataclasses.replace(llama, spec=dataclasses.replace(llama.spec, **change))}
+        assert features.cache_key(type(model)(model.config, moved), "data") != key, change
+    monkeypatch.setattr(features, "FEATURES_VERSION", features.FEATURES_VERSION + 1)
+    assert features.cache_key(model, "data") != key

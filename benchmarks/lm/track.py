@@ -91,9 +91,11 @@ class LMPreset:
     head_warmup: int = 10
     pretrain_lr: float = 5e-3
     quantization: str = "nf4"
+    task_items: int = 0  # items per domain of the harness task scored for the members, fused and LoRA entries
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields a stage's training reads (its cache recipe): which entries are scored on the task is not one."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "task_items"}
 
 
 PRESETS = {
@@ -529,9 +531,11 @@ def render_table(results: dict) -> str:
     lines = [f"# LM track — bits per byte, preset `{results['preset']}`", "",
              f"Test texts per domain: {results['eval_rows']} rows (UTF-8 bytes: "
              + ", ".join(f"{d} {results['eval_bytes'][d]:,}" for d in DOMAINS) + "). Lower is better. "
-             "Anchor-token perplexity is comparable within the Mistral vocabulary only.", "",
-             "| model | group | " + " | ".join(COLUMNS) + " | ppl mixture (own tokens) | trainable |",
-             "|---|---|" + "---:|" * (len(COLUMNS) + 2)]
+             "Anchor-token perplexity is comparable within the Mistral vocabulary only."
+             + (f" Task acc: accuracy on the harness task `fusion_continuation` ({results['task_items']} "
+                "test items per domain, 4 choices, chance 0.25)." if results.get("task_items") else ""), "",
+             "| model | group | " + " | ".join(COLUMNS) + " | ppl mixture (own tokens) | trainable | task acc |",
+             "|---|---|" + "---:|" * (len(COLUMNS) + 3)]
     best = {d: min(e["bits_per_byte"][d] for e in entries) for d in COLUMNS}
     for e in entries:
         cells = [(f"**{e['bits_per_byte'][d]:.3f}**" if e["bits_per_byte"][d] == best[d] else
@@ -539,7 +543,8 @@ def render_table(results: dict) -> str:
         trainable = f"{e['trainable_params']:,}" if e.get("trainable_params") else ""
         name = f"{e['name']} (headline)" if e.get("headline") else e["name"]
         lines.append(f"| {name} | {e['group']} | " + " | ".join(cells)
-                     + f" | {e['token_perplexity']['mixture']:.1f} ({e['vocabulary']}) | {trainable} |")
+                     + f" | {e['token_perplexity']['mixture']:.1f} ({e['vocabulary']}) | {trainable} | "
+                     + f"{accuracy_cell(e)} |")
     t = results["targets"]
     lines += ["", f"Targets (headline: {t['headline']}, chosen on validation):"]
     for d, v in t["per_domain"].items():
@@ -638,8 +643,11 @@ def schedules(preset: LMPreset) -> str:
             f"warmup {p.head_warmup}, cosine, on the mixture")
 
 
-def run_lm_track(preset: str, out_dir: Path, *, use_cache: bool = True, log=print) -> dict:
-    """Run the LM track with preset ``micro``, ``quick`` or ``full``; results into ``out_dir``.
+def run_lm_track(preset: str, out_dir: Path, *, use_cache: bool = True, task_items: int | None = None,
+                 log=print) -> dict:
+    """Run the LM track with preset ``micro``, ``quick`` or ``full``; results into ``out_dir``. ``task_items``: items
+    per domain of the harness task ``fusion_continuation`` each member, fused model and LoRA control is scored on
+    (default the preset's: 0, not scored).
 
     Returns:
         The results dict (also in ``out_dir/lm_results.json``): ``entries`` (one per model, bits/byte and
@@ -650,8 +658,11 @@ def run_lm_track(preset: str, out_dir: Path, *, use_cache: bool = True, log=prin
     from fusion_llm.modeling import FusionModel
 
     p = get_preset(preset)
+    if task_items is not None:
+        p = dataclasses.replace(p, task_items=task_items)
     out_dir = Path(out_dir)
     cache = out_dir / "cache" / "lm"
+    task_folder = out_dir / "cache" / "harness_task"
     cache.mkdir(parents=True, exist_ok=True)
     wall, cpu = time.perf_counter(), time.process_time()
     stages = Stages(log)
@@ -666,7 +677,8 @@ def run_lm_track(preset: str, out_dir: Path, *, use_cache: bool = True, log=prin
             loaded[name] = backbone
             tag = " [anchor]" if name == ANCHOR else ""
             entries.append(_entry(f"{family} ({domain}){tag}", "backbone", score_alone(backbone, texts),
-                                  vocabulary=family, model_dir=str(dirs[f"{family}-{domain}"])))
+                                  vocabulary=family, model_dir=str(dirs[f"{family}-{domain}"]),
+                                  task_accuracy=task_accuracy(backbone, p.task_items, task_folder)))
         return loaded, entries
 
     loaded, entries = stages.run("backbones alone", alone_all)
@@ -682,7 +694,8 @@ def run_lm_track(preset: str, out_dir: Path, *, use_cache: bool = True, log=prin
                              validation_bits_per_byte=val.bits_per_byte, fusion_model=spec,
                              train_seconds=summary.get("train_seconds"),
                              train_summary={k: summary.get(k) for k in ("steps", "final", "anchor_eval",
-                                                                        "tokens_per_second")})
+                                                                        "tokens_per_second")},
+                             task_accuracy=task_accuracy(model, p.task_items, task_folder))
 
     fused_models, fused_entries = {}, []
     for label in p.fused_variants:
@@ -700,7 +713,8 @@ def run_lm_track(preset: str, out_dir: Path, *, use_cache: bool = True, log=prin
         tokenizer = loaded[ANCHOR].tokenizer
         scores = {d: score_causal_lm(fn, tokenizer, t, max_positions=1024) for d, t in texts.items()}
         return _entry(f"LoRA r={info['rank']} on the anchor, {control} ({info['steps']} steps)", "lora", scores,
-                      vocabulary="mistral", trainable_params=info["trainable_params"], lora=info, control=control)
+                      vocabulary="mistral", trainable_params=info["trainable_params"], lora=info, control=control,
+                      task_accuracy=task_accuracy(peft_model, p.task_items, task_folder, tokenizer))
 
     lora_entry = stages.run("LoRA control (same steps): train + score", lora_scores, "same steps", p.head_steps)
     # The second control trains as long as the headline's head did (wall-clock), at LoRA's own pace.
@@ -732,7 +746,7 @@ def run_lm_track(preset: str, out_dir: Path, *, use_cache: bool = True, log=prin
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
                    f"{torch.get_num_threads()} torch thread(s), load average {os.getloadavg()[0]:.1f}",
         "config": p.to_dict(), "schedules": schedules(p), "standin_sizes": STANDIN_SIZES, "fused_variants": FUSED_VARIANTS,
-        "corpus_fingerprint": manifest["fingerprint"], "eval_rows": p.eval_rows,
+        "corpus_fingerprint": manifest["fingerprint"], "eval_rows": p.eval_rows, "task_items": p.task_items,
         "eval_bytes": {d: text_bytes(t) for d, t in texts.items()},
         "pretrained": {k: json.loads((Path(v) / "pretrain.json").read_text()) for k, v in dirs.items()},
         "entries": entries, "targets": check_targets(entries), "generation": generation, "alignment_lag": lag,
@@ -753,6 +767,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="recompute the fused head, LoRA and merges (stand-ins stay cached)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: on 2 shared cores, 2 threads can run 10-40x slower)")
+    parser.add_argument("--task-items", type=int, default=None,
+                        help="score the members, fused models and LoRA controls on the harness task "
+                             "fusion_continuation, this many test items per domain (default the preset's: 0, none)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     import datasets
@@ -762,7 +779,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     datasets.disable_progress_bars()
     out_dir = Path(args.out) if args.out else ROOT / "results" / "compare_merges" / args.preset
-    run_lm_track(args.preset, out_dir, use_cache=not args.fresh)
+    run_lm_track(args.preset, out_dir, use_cache=not args.fresh, task_items=args.task_items)
     return 0
 
 
