@@ -43,6 +43,24 @@ def own_token_loss(backbone: FrozenBackbone, last: torch.Tensor, src: dict[str, 
     return nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
+def check_head_weights(path: Path) -> None:
+    """A saved head's weights file exists, reads as safetensors in full and holds only finite values; otherwise a
+    `ConfigError` naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise ConfigError(f"{path}: missing; the head's weights were not saved (save or train the head again)")
+    try:
+        with safe_open(path, "pt") as weights:
+            for key in weights.keys():
+                if not torch.isfinite(weights.get_tensor(key)).all():
+                    raise ConfigError(f"{path}: tensor {key!r} holds NaN or infinite values; the head is damaged "
+                                      "(load an earlier checkpoint or train it again)")
+    except (SafetensorError, OSError) as err:
+        raise ConfigError(f"{path}: not a readable safetensors file ({str(err).splitlines()[0]}); the head is "
+                          "damaged (save or train it again)") from None
+
+
 class FusionModel(nn.Module):
     """Frozen backbones plus a trainable `FusionHead`.
 
@@ -165,7 +183,14 @@ class FusionModel(nn.Module):
         path = Path(path)
         if not (path / "config.json").is_file():
             raise ConfigError(f"{path}: no saved fusion head here (config.json missing)")
-        config = FusionConfig.from_pretrained(path)
+        try:
+            config = FusionConfig.from_pretrained(path)
+        except ConfigError:
+            raise
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            raise ConfigError(f"{path / 'config.json'}: not a readable head config ({str(err).splitlines()[0]}); "
+                              "the head is damaged: save or train it again") from None
+        check_head_weights(path / "model.safetensors")  # before any backbone loads
         backbones = backbones or cls.load_backbones(config, device_map)
         head = FusionHead.from_pretrained(path, config=config)
         return cls(config, backbones, head, verify_weights=verify_weights)

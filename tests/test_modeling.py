@@ -2,6 +2,7 @@
 save -> load -> identical outputs, head-only files, fingerprints."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -226,3 +227,41 @@ def test_feature_cache_key_names_model_id_revision_and_code_version(four_backbon
         assert features.cache_key(type(model)(model.config, moved), "data") != key, change
     monkeypatch.setattr(features, "FEATURES_VERSION", features.FEATURES_VERSION + 1)
     assert features.cache_key(model, "data") != key
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", "model.safetensors: not a readable safetensors file"),
+    ("delete", "model.safetensors: missing"),
+    ("nan", "model.safetensors: tensor .* holds NaN"),
+    ("config", "config.json: not a readable head config"),
+])
+def test_a_damaged_head_is_one_line_naming_the_file(four_backbones, standin_paths, tmp_path, capsys, damage, message):
+    from safetensors.torch import load_file, save_file
+
+    model = make_model(four_backbones, standin_paths)
+    model.save_pretrained(tmp_path / "head")
+    weights, config = tmp_path / "head" / "model.safetensors", tmp_path / "head" / "config.json"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "delete":
+        weights.unlink()
+    elif damage == "nan":
+        tensors = load_file(weights)
+        first = sorted(tensors)[0]
+        tensors[first][0] = float("nan")
+        save_file(tensors, weights, metadata={"format": "pt"})
+    else:
+        config.write_text(config.read_text()[:-20])
+    with pytest.raises(ConfigError, match=message) as err:
+        FusionModel.from_pretrained(tmp_path / "head", backbones=four_backbones)
+    assert "\n" not in str(err.value)
+    if damage == "truncate":  # the script: exit 2, one line, no traceback, before any backbone loads
+        import importlib.util
+
+        script = Path(__file__).resolve().parents[1] / "scripts" / "check_head.py"
+        spec = importlib.util.spec_from_file_location("check_head_script", script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        assert module.main([str(tmp_path / "head")]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "model.safetensors: not a readable safetensors file" in lines[0]
