@@ -262,6 +262,7 @@ def test_a_damaged_head_is_one_line_naming_the_file(four_backbones, standin_path
         spec = importlib.util.spec_from_file_location("check_head_script", script)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
+        capsys.readouterr()  # what saving printed
         assert module.main([str(tmp_path / "head")]) == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and "model.safetensors: not a readable safetensors file" in lines[0]
