@@ -289,11 +289,14 @@ def train(run: RunConfig, *, resume: bool = False, cache_features: bool | None =
             with accelerator.accumulate(head):
                 out = _step_batch(model, batch)
                 loss = out.loss if out.member_loss is None else out.loss + out.member_loss
-                if not torch.isfinite(loss):
+                every = accelerator.gather(loss.detach().float().reshape(1))  # one rank's NaN stops them all alike
+                if not torch.isfinite(every).all():
                     progress.close()
                     last = _checkpoints(output_dir)
-                    raise NonFiniteLoss(f"the loss became {loss.item()} at step {step + 1}; last good checkpoint: "
-                                        f"{last[-1] if last else 'none'} (lower train.lr or check the data)")
+                    bad = [i for i, v in enumerate(every.tolist()) if not math.isfinite(v)]
+                    where = f" on process(es) {bad}" if accelerator.num_processes > 1 else ""
+                    raise NonFiniteLoss(f"the loss became {every[bad[0]].item()}{where} at step {step + 1}; last good "
+                                        f"checkpoint: {last[-1] if last else 'none'} (lower train.lr or check the data)")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and tcfg.grad_clip:
                     accelerator.clip_grad_norm_(head.parameters(), tcfg.grad_clip)

@@ -3,6 +3,7 @@ the feature cache runs no backbone, and each error case gives one line and exit 
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -164,6 +165,36 @@ def test_two_processes_train_an_lm_head_with_member_adapters_alike(standin_paths
     assert first == second
     assert summary["anchor_eval"]["eval_loss"] == pytest.approx(single["anchor_eval"]["eval_loss"], abs=1e-4)
     assert summary["final"]["eval_loss"] < summary["anchor_eval"]["eval_loss"] - 0.1
+
+
+def test_a_nan_on_one_process_stops_every_process_with_the_same_line(standin_paths, tmp_path):
+    """Process 1 alone sees a non-finite loss at its third step: both processes stop with the same one-line error
+    (none is left waiting in the gradient all-reduce), and nothing is saved."""
+    driver = tmp_path / "nan_on_rank1.py"
+    driver.write_text(
+        "import os, sys\n"
+        "import fusion_llm.training as T\n"
+        "original, calls = T._step_batch, []\n"
+        "def step(model, batch):\n"
+        "    out = original(model, batch)\n"
+        "    calls.append(1)\n"
+        "    if os.environ['RANK'] == '1' and len(calls) == 3:\n"
+        "        out.loss = out.loss * float('nan')\n"
+        "    return out\n"
+        "T._step_batch = step\n"
+        "sys.exit(T.main(sys.argv[1:]))\n")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny(tmp_path, train__max_steps=6, train__checkpoint_every=100)))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29579"]
+    result = subprocess.run([*launcher, str(driver), "--config", str(path)], capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert result.returncode != 0
+    errors = {line for line in result.stderr.splitlines() if line.startswith("error:")}  # torchrun may stop the
+    assert len(errors) == 1, result.stderr[-3000:]  # other process before it prints: the same line in any case
+    assert "the loss became nan on process(es) [1] at step 3" in errors.pop()
+    # process 0 saw a finite loss itself, yet ended through that error (exit code 2), not killed while waiting
+    assert re.search(r"rank\s*:\s*0 \(local_rank: 0\)\s*exitcode\s*:\s*2\b", result.stderr), result.stderr[-3000:]
+    assert not (tmp_path / "run" / "head").exists()
 
 
 @pytest.mark.parametrize("change, message", [
