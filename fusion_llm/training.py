@@ -25,7 +25,8 @@ from transformers import get_scheduler
 
 from fusion_llm.budget import check_budget
 from fusion_llm.errors import ConfigError, NonFiniteLoss
-from fusion_llm.data.pipeline import Collator, LMCollator, align_splits, check_labels, load_raw, tokenize_splits
+from fusion_llm.data.pipeline import (Collator, LMCollator, align_splits, alignment_fallbacks, check_labels, load_raw,
+                                      tokenize_splits)
 from fusion_llm.features import FeatureCache, collate_features
 from fusion_llm.metrics import load_metric
 from fusion_llm.modeling import FusionModel
@@ -237,6 +238,10 @@ def train(run: RunConfig, *, resume: bool = False, cache_features: bool | None =
             tokenized = tokenize_splits(raw, tokenizers, run.data.text_column, run.data.label_column, max_lengths)
     collate = LMCollator(model.anchor.name, pad_ids) if lm else Collator(pad_ids)
     train_set, eval_set = tokenized["train"], tokenized["validation"]
+    fallbacks = {split: alignment_fallbacks(tokenized[split]) for split in ("train", "validation")} if lm else {}
+    if any(n for counts in fallbacks.values() for n in counts.values()):
+        log(f"warning: the causal alignment fell back to its safety nets {fallbacks} times (per split and source; "
+            "it should be 0): those positions' source features are less fresh, never from the future")
     if cache_features:
         cache = FeatureCache(cache_dir() / "features", model, tcfg.cache_limit_gb * 1e9)
         with accelerator.main_process_first():
@@ -348,6 +353,7 @@ def train(run: RunConfig, *, resume: bool = False, cache_features: bool | None =
         "tokens_per_second": tokens / (time.perf_counter() - started),
         "train_seconds": time.perf_counter() - started,  # the loop of this invocation, its evaluations included
         "process_head_checksums": checksums.cpu().tolist(),
+        "alignment_fallbacks": fallbacks,
     }
     if is_main:
         _save_head(model, accelerator, output_dir / "head")

@@ -522,3 +522,24 @@ def test_a_dropped_control_byte_breaks_causal_alignment_known_defect(text):
 @given(prefix=_MEMBER_TEXTS, continuation=_MEMBER_TEXTS)
 def test_settled_tokens_survive_any_continuation_real_members(prefix, continuation):
     _check_settled_survive(prefix, continuation, {n: real_member(n) for n in _REAL_PAIR})
+
+
+def test_fallback_counts_are_kept_per_text_and_source(monkeypatch):
+    """``count_fallbacks``: each row says how many safety-net fallbacks its alignment took (a cached map cannot
+    update the process counters), and the counters still add up."""
+    from fusion_llm.alignment import batch as B
+
+    tok = synthetic("spm")
+    original, calls = B.align_source, []
+
+    def one_fallback_on_the_second_text(*args, stats, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            stats.crossing_fallbacks += 1
+        return original(*args, stats=stats, **kwargs)
+
+    monkeypatch.setattr(B, "align_source", one_fallback_on_the_second_text)
+    stats = A.AlignmentStats()
+    out = A.align_batch(["one two", "three four", "five"], tok, {"src": tok}, stats=stats, count_fallbacks=True)
+    assert out["src_fallbacks"] == [0, 1, 0] and stats.crossing_fallbacks == 1
+    assert "src_fallbacks" not in A.align_batch(["one"], tok, {"src": tok})

@@ -154,6 +154,8 @@ def test_two_processes_train_an_lm_head_with_member_adapters_alike(standin_paths
     through the wrapped head; both processes end with the same head, the loss falls below the anchor's, and
     the evaluation counts each validation row once (the 2-process anchor score equals the 1-process one)."""
     single = train(build_run_config(lm_tiny(tmp_path, train__max_steps=1, output_dir=str(tmp_path / "one"))))
+    fallbacks = single["alignment_fallbacks"]  # the safety nets' count reaches the summary, per split and source
+    assert set(fallbacks) == {"train", "validation"} and fallbacks["train"] and not any(fallbacks["train"].values())
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(lm_tiny(tmp_path)))
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29578"]

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from fusion_llm.alignment.encoding import _encode
 from fusion_llm.alignment.rules import check_fast_tokenizer, settle_rule
 from fusion_llm.alignment.settled import align_source
-from fusion_llm.alignment.stats import AlignmentStats
+from fusion_llm.alignment.stats import ALIGNMENT_STATS, AlignmentStats
 from fusion_llm.alignment.tails import TAIL_COLUMNS, pack_tails
 
 
@@ -28,6 +28,7 @@ def align_batch(
     verify: bool = False,
     tails: bool = False,
     stats: AlignmentStats | None = None,
+    count_fallbacks: bool = False,
 ) -> dict[str, list]:
     """Tokenize a batch with the anchor and every source and align them (for ``Dataset.map``).
 
@@ -51,6 +52,8 @@ def align_batch(
             packed ids. Costs a tokenization of every prefix and about 1-2 tail tokens per
             anchor token in the source's forward pass.
         stats: counters to update (default :data:`ALIGNMENT_STATS`).
+        count_fallbacks: add ``f"{name}_fallbacks"`` per text: the safety-net fallbacks (crossing + verify)
+            its alignment took, so a cached ``Dataset.map`` still tells the run how many there were.
 
     Returns:
         ``{"input_ids": anchor ids, "offset_mapping": anchor [start, end] pairs, and for each
@@ -70,6 +73,7 @@ def align_batch(
         "input_ids": [list(x) for x in anchor["input_ids"]],
         "offset_mapping": [list(map(list, offs)) for offs in anchor["offset_mapping"]],  # Arrow: no tuples
     }
+    stats = stats if stats is not None else ALIGNMENT_STATS
     for name, tok in source_tokenizers.items():
         settle_rule(tok)  # refuses slow tokenizers before any work
         enc = _encode(tok, texts)
@@ -78,12 +82,17 @@ def align_batch(
         if tails:
             for c in TAIL_COLUMNS:
                 out[f"{name}_{c}"] = []
+        if count_fallbacks:
+            out[f"{name}_fallbacks"] = []
         for i, text in enumerate(texts):
+            before = stats.crossing_fallbacks + stats.verify_failures
             aligned = align_source(
                 text, anchor["offset_mapping"][i], tok,
                 source_encoding=(enc["input_ids"][i], enc["offset_mapping"][i], enc["special_tokens_mask"][i]),
                 verify=verify, tails=tails, stats=stats,
             )
+            if count_fallbacks:
+                out[f"{name}_fallbacks"].append(stats.crossing_fallbacks + stats.verify_failures - before)
             ids, index = aligned[:2]
             if trim_sources:
                 ids = ids[: max(max(index, default=-1) + 1, min(1, len(ids)))]

@@ -168,9 +168,10 @@ def align_splits(ds: DatasetDict, anchor_tokenizer, source_tokenizers: dict, tex
                  max_length: int, tails: bool = True) -> DatasetDict:
     """Tokenize every split with the anchor and each source and compute the causal alignment once
     per example (``Dataset.map``; stored with the example, never recomputed in the training step).
-    ``tails``: pack each source's unsettled tails (``fusion_llm.alignment.align_batch(tails=True)``)."""
+    ``tails``: pack each source's unsettled tails (``fusion_llm.alignment.align_batch(tails=True)``). Each row
+    also holds ``f"{source}_fallbacks"``, the alignment safety nets it took (`alignment_fallbacks` sums them)."""
     fn = alignment.make_align_fn(anchor_tokenizer, source_tokenizers, text_column=text_column,
-                                 max_length=max_length, tails=tails)
+                                 max_length=max_length, tails=tails, count_fallbacks=True)
     tokenizers = [anchor_tokenizer, *[source_tokenizers[n] for n in sorted(source_tokenizers)]]
     key = _map_key(tokenizers, sorted(source_tokenizers), text_column, max_length, tails, fn.__qualname__,
                    code=tuple(sorted(Path(alignment.__file__).parent.glob("*.py"))))
@@ -180,6 +181,11 @@ def align_splits(ds: DatasetDict, anchor_tokenizer, source_tokenizers: dict, tex
         for split, d in ds.items()
     })
     return out.remove_columns(["offset_mapping"])
+
+
+def alignment_fallbacks(ds) -> dict[str, int]:
+    """Per source: the alignment safety-net fallbacks over an aligned split (0 is what the alignment promises)."""
+    return {c.removesuffix("_fallbacks"): int(sum(ds[c])) for c in ds.column_names if c.endswith("_fallbacks")}
 
 
 class LMCollator:
