@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -102,6 +103,19 @@ def _from_dict(cls, where: str, data: dict | Any, prefix: str | None = None):
         raise ConfigError(f"{where}: {err}") from None
 
 
+_DEVICE = re.compile(r"auto|cpu|meta|mps|disk|cuda(:\d+)?|\d+")
+
+
+def _is_device_map(value) -> bool:
+    def device(v) -> bool:
+        return (isinstance(v, int) and not isinstance(v, bool) and v >= 0) or (
+            isinstance(v, str) and bool(_DEVICE.fullmatch(v)))
+
+    if isinstance(value, dict):
+        return bool(value) and all(isinstance(k, str) and device(v) and v != "auto" for k, v in value.items())
+    return isinstance(value, str) and device(value)
+
+
 @dataclass
 class BackboneSpec:
     """One frozen backbone and where it is tapped.
@@ -124,6 +138,10 @@ class BackboneSpec:
         lora_alpha: LoRA scale numerator (the update is ``B @ A * lora_alpha / lora_rank``); default
             ``2 * lora_rank``, the LoRA recipe of the benchmarks' control.
         lora_lr: learning rate of this backbone's member adapters; default ``train.member_lr``.
+        device_map: where this backbone's weights go (``from_pretrained``'s ``device_map``): ``"auto"`` (spread
+            over the visible GPUs), ``"cpu"``, ``"cuda:1"``, or a ``{module: device}`` dict; default the run's
+            (under accelerate the process's own GPU). Placing each backbone on its own GPU fits models that one GPU
+            cannot hold; the head gathers their features on its own device.
         lora_modules: filled in when the head is built: ``{module path: [in_features, out_features]}``.
         num_hidden_layers, hidden_size, max_position_embeddings: filled from the model's config
             when it can be read; used to validate taps and to build the head without the backbone.
@@ -142,6 +160,7 @@ class BackboneSpec:
     lora_rank: int = 0
     lora_alpha: float | None = None
     lora_lr: float | None = None
+    device_map: str | dict | None = None
     lora_modules: dict | None = None
     num_hidden_layers: int | None = None
     hidden_size: int | None = None
@@ -173,6 +192,9 @@ class BackboneSpec:
         if self.lora_lr is not None and (isinstance(self.lora_lr, bool)
                                          or not isinstance(self.lora_lr, (int, float)) or not self.lora_lr > 0):
             raise ConfigError(f"{where}.lora_lr: expected a positive number, got {self.lora_lr!r}")
+        if self.device_map is not None and not _is_device_map(self.device_map):
+            raise ConfigError(f"{where}.device_map: expected 'auto', 'cpu', 'cuda', 'cuda:N' or a {{module: device}} "
+                              f"mapping, got {self.device_map!r}")
         if self.num_hidden_layers is None:
             self.resolve_model_config()
         if self.num_hidden_layers is not None:

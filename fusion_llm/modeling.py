@@ -156,11 +156,12 @@ class FusionModel(nn.Module):
     @staticmethod
     def load_backbones(config: FusionConfig, device_map=None) -> dict[str, FrozenBackbone]:
         """Load every backbone of ``config`` (the LM anchor with its LM head; every source too when the head
-        mixes source predictions)."""
+        mixes source predictions), each where its ``device_map`` says, else at ``device_map``."""
         lm = config.head["kind"] == "lm"
         predictions = lm and config.head.get("source_predictions", False)
         return {
-            spec.name: load_backbone(spec, with_lm_head=lm and (spec.anchor or predictions), device_map=device_map)
+            spec.name: load_backbone(spec, with_lm_head=lm and (spec.anchor or predictions),
+                                     device_map=spec.device_map if spec.device_map is not None else device_map)
             for spec in config.backbone_specs
         }
 

@@ -266,3 +266,32 @@ def test_a_damaged_head_is_one_line_naming_the_file(four_backbones, standin_path
         assert module.main([str(tmp_path / "head")]) == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and "model.safetensors: not a readable safetensors file" in lines[0]
+
+
+def test_each_backbone_is_placed_where_its_device_map_says(standin_paths, monkeypatch):
+    """Per-backbone placement: a backbone's own ``device_map`` wins over the run's (under accelerate, the process's
+    GPU); the others take the run's. A bad value is one line naming the field."""
+    from fusion_llm import modeling
+
+    dicts = backbone_dicts(standin_paths)
+    dicts[0]["device_map"], dicts[1]["device_map"] = "cpu", {"": "cpu"}
+    config = FusionConfig(backbones=dicts, shared_width=64, head={"num_labels": 4})
+    placed = {}
+    monkeypatch.setattr(modeling, "load_backbone", lambda spec, **kw: placed.setdefault(spec.name, kw["device_map"]))
+    FusionModel.load_backbones(config, device_map={"": 0})
+    names = [d["name"] for d in dicts]
+    assert placed == {names[0]: "cpu", names[1]: {"": "cpu"}, names[2]: {"": 0}, names[3]: {"": 0}}
+    saved = FusionConfig(**config.to_dict())  # the placement travels with a saved head's config
+    assert [s.device_map for s in saved.backbone_specs] == ["cpu", {"": "cpu"}, None, None]
+    with pytest.raises(ConfigError, match=r"backbones\[.*\]\.device_map: expected 'auto'"):
+        FusionConfig(backbones=[{**dicts[2], "device_map": "gpu0"}], shared_width=64, head={"num_labels": 4})
+
+
+def test_a_backbone_loads_on_the_device_its_device_map_names(standin_paths):
+    from fusion_llm.config import BackboneSpec
+
+    spec = BackboneSpec(name="phi", model=standin_paths["phi3"], tap_layers=[2], quantization="none",
+                        compute_dtype="float32", device_map="cpu")
+    backbone = FusionModel.load_backbones(FusionConfig(backbones=[spec.to_dict()], shared_width=32,
+                                                       head={"num_labels": 2}))["phi"]
+    assert backbone.device.type == "cpu"
