@@ -215,15 +215,38 @@ class FrozenBackbone:
         taps = self.spec.resolved_taps() if layers is None else list(layers)
         device = self.device
         if attention_mask is not None and attention_mask.dim() == 4:
-            attention_mask = self._custom_mask(attention_mask.to(device))
+            attention_mask = self._packed_masks(attention_mask.to(device), position_ids)
         out = self.model(
             input_ids=input_ids.to(device),
-            attention_mask=None if attention_mask is None else attention_mask.to(device),
+            attention_mask=attention_mask if attention_mask is None or isinstance(attention_mask, dict)
+            else attention_mask.to(device),
             position_ids=None if position_ids is None else position_ids.to(device),
             output_hidden_states=sorted(set(taps)),
             use_cache=False,
         )
         return [out.hidden_states[t] for t in taps]
+
+    def _packed_masks(self, allowed: torch.Tensor, position_ids: torch.Tensor | None):
+        """The mask(s) of a packed sequence (``allowed``: (B, 1, L, L), True = attend) as the model takes them.
+
+        A model with sliding-window attention gets the window too: a query keeps only the keys less than
+        ``sliding_window`` positions behind it, counted in the tokens' own positions (``position_ids``), as
+        transformers' sliding masks do. Where only some layers slide (Gemma-2, Gemma-3: ``config.layer_types``) the
+        model gets one mask per layer type, the form its forward takes as-is."""
+        config = self.model.config
+        window = getattr(config, "sliding_window", None)
+        if not window or getattr(config, "use_sliding_window", True) is False:
+            return self._custom_mask(allowed)
+        length = allowed.shape[-1]
+        pos = (position_ids if position_ids is not None else torch.arange(length).unsqueeze(0)).to(allowed.device)
+        sliding = self._custom_mask(allowed & ((pos[:, :, None] - pos[:, None, :]) < window).unsqueeze(1))
+        types = set(getattr(config, "layer_types", None) or ["sliding_attention"])
+        if types == {"sliding_attention"}:
+            return sliding
+        if not types <= {"full_attention", "sliding_attention"}:
+            raise ValueError(f"backbone {self.name!r}: packed source tails do not know the layer types "
+                             f"{sorted(types)}; set head.source_tails: false")
+        return {"full_attention": self._custom_mask(allowed), "sliding_attention": sliding}
 
     def _custom_mask(self, allowed: torch.Tensor) -> torch.Tensor:
         """A boolean (B, 1, L, L) mask in the form the model's attention takes as-is (transformers passes a 4D

@@ -150,6 +150,30 @@ def test_with_tails_a_source_sees_exactly_the_anchors_prefix(lm_model):
         assert lagging > len(ends) // 4, (name, lagging)  # the tails matter: often the settled token lags
 
 
+def test_packed_tails_keep_the_sliding_window_past_it(lm_model):
+    """Gemma-2's sliding-window layers (a 128-token window on the stand-in) get their own mask on packed tails:
+    past the window, a packed position's features still equal Gemma-2 run alone on its tokenization of the prefix
+    (which is what generation runs)."""
+    text = " ".join(f"line {i}: the {['red', 'blue', 'green'][i % 3]} fox jumps over {i * 37} fences;"
+                    for i in range(40))
+    al, (inputs, _) = encode(lm_model, [text], tails=True)
+    backbone, src = lm_model.backbones["gemma"], inputs["gemma"]
+    window = backbone.model.config.sliding_window
+    assert int(src["position_ids"].max()) > 2 * window  # the text runs well past the window
+    packed = backbone.taps(src["input_ids"], tail_attention_mask(src["tail_group"], src["tail_ctx"]),
+                           position_ids=src["position_ids"])[0][0]
+    ends = causal_char_ends(al["offset_mapping"][0], len(text)).tolist()
+    checked = 0
+    for t in range(0, len(ends), 5):
+        ids = prefix_tokens(backbone.tokenizer, text[:ends[t]])
+        if len(ids) <= window:
+            continue
+        alone = backbone.taps(torch.tensor([ids]))[0][0, -1]
+        torch.testing.assert_close(packed[al["gemma_align"][0][t]], alone, rtol=0, atol=1e-4)
+        checked += 1
+    assert checked >= 10
+
+
 @pytest.mark.parametrize("predictions,residual_scale", [(False, "none"), (True, "none"), (False, "anchor_rms")],
                          ids=["hidden_states", "source_predictions", "rms_residual"])
 def test_untrained_fused_model_is_the_anchor_exactly(lm_model, standin_paths, predictions, residual_scale):
