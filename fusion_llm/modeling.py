@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,6 +16,7 @@ from fusion_llm.errors import ConfigError
 from fusion_llm.generation import generate
 from fusion_llm.heads import FusionHead, FusionOutput, add_residual, mixed_logits, pool
 from fusion_llm.member_lora import detach
+from fusion_llm.paths import atomic_dir
 from fusion_llm.vocab_bridge import bridge_for, top_log_probs
 
 log = logging.getLogger(__name__)
@@ -205,24 +204,8 @@ class FusionModel(nn.Module):
         path = Path(path)
         self.config.fingerprints = {n: b.fingerprint for n, b in self._backbones.items()}
         self.head.config = self.config
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-        old = path.with_name(f".{path.name}-old")
-        try:
+        with atomic_dir(path) as tmp:
             self.head.save_pretrained(tmp)
-            replaced = path.exists()
-            if replaced:
-                shutil.rmtree(old, ignore_errors=True)
-                path.rename(old)
-            try:
-                tmp.rename(path)
-            except BaseException:
-                if replaced:
-                    old.rename(path)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     # ---- running ------------------------------------------------------------------------------------
     def tokenize(self, texts: list[str], max_length: int | None = None) -> dict[str, dict[str, torch.Tensor]]:

@@ -6,8 +6,11 @@ Everything lives under one cache folder, ``$FUSION_LLM_CACHE`` or ``~/.cache/fus
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 # The four backbone families; each name is also the tokenizer's folder name in the cache.
@@ -54,3 +57,37 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
 def write_json_atomic(path: str | Path, value, *, indent: int = 1, default=str) -> Path:
     """`write_atomic` of ``value`` as JSON (``default`` converts what JSON cannot hold)."""
     return write_atomic(path, json.dumps(value, indent=indent, default=default) + "\n")
+
+
+def replace_dir(new: str | Path, target: str | Path) -> Path:
+    """Move the finished folder ``new`` to ``target`` (on one file system): a folder already at ``target`` is moved
+    aside first, put back if the move fails, and deleted once the new one is in place - a reader sees the old folder
+    or the new one, and a failure leaves the old one."""
+    new, target = Path(new), Path(target)
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    replaced = target.exists()
+    if replaced:
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        if replaced and not target.exists():
+            os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path):
+    """Build a folder atomically: yields a temporary folder beside ``target`` to fill; when the block ends without an
+    error it replaces ``target`` (`replace_dir`), and the temporary folder is removed in any case."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        yield tmp
+        replace_dir(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

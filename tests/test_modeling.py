@@ -190,19 +190,19 @@ def test_save_is_atomic_over_an_existing_head(four_backbones, standin_paths, tmp
 
 
 def test_a_failed_final_rename_puts_the_old_head_back(four_backbones, standin_paths, tmp_path, monkeypatch):
-    import pathlib
+    from fusion_llm import paths
 
     model = make_model(four_backbones, standin_paths)
     model.save_pretrained(tmp_path / "head")
     before = (tmp_path / "head" / "model.safetensors").read_bytes()
-    rename = pathlib.Path.rename
+    replace = paths.os.replace
 
-    def failing(self, target):  # the new head's move into place fails (say, a full disk on a network mount)
-        if self.name.startswith(".head-") and not self.name.endswith("-old"):
+    def failing(source, target):  # the new head's move into place fails (say, a full disk on a network mount)
+        if Path(source).name.startswith(".head-"):
             raise OSError("rename failed")
-        return rename(self, target)
+        return replace(source, target)
 
-    monkeypatch.setattr(pathlib.Path, "rename", failing)
+    monkeypatch.setattr(paths.os, "replace", failing)
     with pytest.raises(OSError):
         model.save_pretrained(tmp_path / "head")
     assert (tmp_path / "head" / "model.safetensors").read_bytes() == before

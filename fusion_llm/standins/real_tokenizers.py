@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fusion_llm.paths import FAMILIES, tokenizer_dir
+from fusion_llm.paths import FAMILIES, replace_dir, tokenizer_dir
 from fusion_llm.standins.tokenizer_builders import BUILDERS, TokenizerFetchError, write_json
 from fusion_llm.standins.tokenizer_builders import one_line as _one_line
 from fusion_llm.standins.tokenizer_sources import EXPECTED, TOKENIZER_SOURCES, TOKENIZERS, TokenizerSource
@@ -465,17 +465,4 @@ def _recipe_version(folder: Path) -> int | None:
 
 def _publish(build: Path, target: Path) -> None:
     """Move a finished build into place; an existing target is replaced only after the move is ready."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(target, old)
-    try:
-        os.replace(build, target)
-    except OSError:
-        if old is not None and not target.exists():
-            os.replace(old, target)  # put the previous tokenizer back
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_dir(build, target)
