@@ -80,8 +80,11 @@ def _checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
-def _save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, run: RunConfig, keep: int) -> Path:
-    """`accelerator.save_state` into a temp folder, then rename: a kill mid-save leaves the older ones usable."""
+def _save_checkpoint(accelerator: Accelerator, output_dir: Path, state: dict, run: RunConfig, keep: int) -> Path:
+    """`accelerator.save_state` into a temp folder, then rename: a kill mid-save leaves the older ones usable.
+    ``state`` (the step, the best eval loss so far, the loss history, the last and the anchor's evals) goes
+    into ``trainer_state.json``, so a resumed run goes on from all of it."""
+    step = state["step"]
     root = output_dir / "checkpoints"
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp_step_{step:06d}"
@@ -93,7 +96,7 @@ def _save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, run:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "run_config.yaml").write_text(yaml.safe_dump(run.to_dict(), sort_keys=False))
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+        (tmp / "trainer_state.json").write_text(json.dumps(state))
         os.replace(tmp, final)
         for old in _checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -263,10 +266,11 @@ def train(run: RunConfig, *, resume: bool = False, cache_features: bool | None =
     model.head = head
     eval_loader = accelerator.prepare_data_loader(DataLoader(eval_set, batch_size=tcfg.batch_size, collate_fn=collate))
 
-    step = 0
+    step, state = 0, {}
     if resume:
         accelerator.load_state(str(checkpoints[-1]))
-        step = json.loads((checkpoints[-1] / "trainer_state.json").read_text())["step"]
+        state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
+        step = state["step"]
         log(f"resumed from {checkpoints[-1]} at step {step}")
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -276,8 +280,9 @@ def train(run: RunConfig, *, resume: bool = False, cache_features: bool | None =
     losses_path = output_dir / "train_losses.jsonl"
     if is_main and not resume:
         losses_path.unlink(missing_ok=True)
-    best, summary, history = None, {}, []
-    anchor_eval = None
+    # Restored on resume: the first eval after it cannot replace a better best/ than the run already had.
+    best, summary, history = state.get("best"), state.get("summary", {}), state.get("history", [])
+    anchor_eval = state.get("anchor_eval")
     if lm and step == 0:  # the untrained head scores exactly the anchor: the number to beat
         anchor_eval = evaluate_model(model, eval_loader, accelerator)
         log("anchor alone: " + ", ".join(f"{k} {v:.4f}" for k, v in anchor_eval.items()))
@@ -333,7 +338,9 @@ def train(run: RunConfig, *, resume: bool = False, cache_features: bool | None =
                         accelerator.unwrap_model(head).config = config
                         _save_head(model, accelerator, output_dir / "best")
             if step % tcfg.checkpoint_every == 0 and step < max_steps:
-                _save_checkpoint(accelerator, output_dir, step, run, tcfg.keep_checkpoints)
+                _save_checkpoint(accelerator, output_dir, {"step": step, "best": best, "summary": summary,
+                                                           "history": history, "anchor_eval": anchor_eval},
+                                 run, tcfg.keep_checkpoints)
             if stop_after is not None and step >= stop_after:
                 progress.close()
                 accelerator.end_training()
@@ -348,7 +355,7 @@ def train(run: RunConfig, *, resume: bool = False, cache_features: bool | None =
         "steps": step, "final": summary, "best_eval_loss": best, "losses": history, "anchor_eval": anchor_eval,
         "output": str(output_dir / "head"), "num_processes": accelerator.num_processes,
         "effective_batch": tcfg.batch_size * tcfg.gradient_accumulation * accelerator.num_processes,
-        "examples_per_step": seen / max(len(history), 1),  # optimizer steps of this invocation
+        "examples_per_step": seen / max(len(history) - len(state.get("history", [])), 1),  # this invocation's steps
         "examples_per_second": seen / (time.perf_counter() - started),
         "tokens_per_second": tokens / (time.perf_counter() - started),
         "train_seconds": time.perf_counter() - started,  # the loop of this invocation, its evaluations included

@@ -66,12 +66,14 @@ def test_default_config_style_run_lowers_eval_loss_and_saves_a_loadable_head(sta
 def test_resume_reaches_the_same_losses_as_an_uninterrupted_run(standin_paths, tmp_path):
     full = train(build_run_config(tiny(tmp_path / "a")))
     partial_cfg = build_run_config(tiny(tmp_path / "b"))
-    stopped = train(partial_cfg, stop_after=6)  # "killed" after step 6; last checkpoint at step 4
-    assert stopped["stopped_at"] == 6
+    stopped = train(partial_cfg, stop_after=10)  # "killed" after step 10; eval at 6, last checkpoint at step 8
+    assert stopped["stopped_at"] == 10
     resumed = train(build_run_config(tiny(tmp_path / "b")), resume=True)
+    # the checkpoint carried the loss history and the best eval so far (step 6's): the resumed run reports all
+    assert resumed["losses"] == full["losses"] and resumed["best_eval_loss"] == full["best_eval_loss"]
     curve = [json.loads(x) for x in (tmp_path / "b/run/train_losses.jsonl").read_text().splitlines()]
     by_step = {}
-    for row in curve:  # steps 5-6 ran twice (before the "kill" and after resuming from step 4)
+    for row in curve:  # steps 9-10 ran twice (before the "kill" and after resuming from step 8)
         by_step.setdefault(row["step"], []).append(row["loss"])
     assert all(len(set(v)) == 1 for v in by_step.values()), by_step
     assert [by_step[s][0] for s in sorted(by_step)] == full["losses"]
