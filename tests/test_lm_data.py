@@ -103,3 +103,19 @@ def test_bits_per_byte_counts_every_predicted_token_over_the_text_bytes(standin_
     assert (total.nll, total.tokens, total.bytes) == (3.0, 5, 7)
     with pytest.raises(ValueError, match="longer than"):
         score_causal_lm(_Uniform(10), tok, ["word " * 50], max_positions=8)
+
+
+def test_local_files_whose_columns_differ_or_do_not_parse_name_the_file(tmp_path):
+    from fusion_llm.config import ConfigError
+    from fusion_llm.data.pipeline import load_raw
+    from fusion_llm.runconfig import DataConfig
+
+    (tmp_path / "train.jsonl").write_text('{"text": "a", "label": 1}\n')
+    (tmp_path / "other.jsonl").write_text('{"body": "b"}\n')
+    (tmp_path / "broken.jsonl").write_text('{"text": "a", "label": 1}\n{"text": oops\n')
+    for validation, message in (("other.jsonl", r"different columns \(train: \['label', 'text'\]; validation: \['body'\]"),
+                                ("broken.jsonl", r"data.files.validation: cannot read .*broken.jsonl as json")):
+        files = {"train": str(tmp_path / "train.jsonl"), "validation": str(tmp_path / validation)}
+        with pytest.raises(ConfigError, match=message) as err:
+            load_raw(DataConfig(files=files))
+        assert "\n" not in str(err.value)

@@ -74,10 +74,19 @@ def _local_files(data: DataConfig) -> DatasetDict:
         suffixes.add(Path(path).suffix.lower())
     if len(suffixes) != 1 or next(iter(suffixes)) not in _FILE_BUILDERS:
         raise ConfigError(f"data.files: use one file type of {sorted(_FILE_BUILDERS)}, got {sorted(suffixes)}")
-    try:
-        return load_dataset(_FILE_BUILDERS[suffixes.pop()], data_files={k: str(v) for k, v in data.files.items()})
-    except Exception as err:
-        raise ConfigError(f"data.files: cannot read ({str(err).splitlines()[0]})") from None
+    builder, splits = _FILE_BUILDERS[suffixes.pop()], {}
+    for split, path in data.files.items():  # one at a time: an error names its file
+        try:
+            splits[split] = load_dataset(builder, data_files={split: str(path)})[split]
+        except Exception as err:  # datasets wraps the parser's error; its cause says what is wrong
+            cause = str(err.__cause__ or err).splitlines() or [type(err).__name__]
+            raise ConfigError(f"data.files.{split}: cannot read {path} as {builder} ({cause[0]})") from None
+    columns = {split: sorted(d.column_names) for split, d in splits.items()}
+    if len({tuple(c) for c in columns.values()}) > 1:
+        raise ConfigError("data.files: the splits have different columns ("
+                          + "; ".join(f"{split}: {c}" for split, c in columns.items())
+                          + "); give every split the same columns")
+    return DatasetDict(splits)
 
 
 def _map_key(tokenizers: list, *settings, code: tuple[Path, ...] = ()) -> str:
