@@ -112,8 +112,10 @@ def _epoch_loader(dataset, epoch: int, seed: int, batch_size: int, collate, acce
     """The epoch's DataLoader: a permutation fixed by (seed, epoch), sharded over processes by accelerate."""
     generator = torch.Generator().manual_seed(seed * 1000 + epoch)
     order = torch.randperm(len(dataset), generator=generator).tolist()
+    # Its own generator: a DataLoader draws a base seed at every iterator, from the global RNG without one, which
+    # would shift the dropout draws that a resumed run restores from its checkpoint.
     loader = DataLoader(torch.utils.data.Subset(dataset, order), batch_size=batch_size, collate_fn=collate,
-                        shuffle=False)
+                        shuffle=False, generator=generator)
     return accelerator.prepare_data_loader(loader)
 
 
@@ -264,7 +266,8 @@ def train(run: RunConfig, *, resume: bool = False, cache_features: bool | None =
     # Only the trainable head is prepared (wrapped in DDP when there are several processes).
     head, optimizer, scheduler = accelerator.prepare(model.head, optimizer, scheduler)
     model.head = head
-    eval_loader = accelerator.prepare_data_loader(DataLoader(eval_set, batch_size=tcfg.batch_size, collate_fn=collate))
+    eval_loader = accelerator.prepare_data_loader(DataLoader(eval_set, batch_size=tcfg.batch_size, collate_fn=collate,
+                                                             generator=torch.Generator().manual_seed(tcfg.seed)))
 
     step, state = 0, {}
     if resume:
@@ -286,7 +289,9 @@ def train(run: RunConfig, *, resume: bool = False, cache_features: bool | None =
     if lm and step == 0:  # the untrained head scores exactly the anchor: the number to beat
         anchor_eval = evaluate_model(model, eval_loader, accelerator)
         log("anchor alone: " + ", ".join(f"{k} {v:.4f}" for k, v in anchor_eval.items()))
-    micro = step * tcfg.gradient_accumulation  # micro-batches consumed so far
+    # Micro-batches consumed so far: accelerate also updates at the end of each epoch, so an epoch whose length is
+    # not a multiple of the accumulation makes this more than step x accumulation; the checkpoint records it.
+    micro = state.get("micro", step * tcfg.gradient_accumulation)
     progress = tqdm(total=max_steps, initial=step, disable=not is_main, desc="training", dynamic_ncols=True)
     head.train()
     started, seen, tokens = time.perf_counter(), 0, 0
@@ -338,7 +343,7 @@ def train(run: RunConfig, *, resume: bool = False, cache_features: bool | None =
                         accelerator.unwrap_model(head).config = config
                         _save_head(model, accelerator, output_dir / "best")
             if step % tcfg.checkpoint_every == 0 and step < max_steps:
-                _save_checkpoint(accelerator, output_dir, {"step": step, "best": best, "summary": summary,
+                _save_checkpoint(accelerator, output_dir, {"step": step, "micro": micro, "best": best, "summary": summary,
                                                            "history": history, "anchor_eval": anchor_eval},
                                  run, tcfg.keep_checkpoints)
             if stop_after is not None and step >= stop_after:

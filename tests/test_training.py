@@ -270,3 +270,21 @@ def test_cli_overrides_single_keys(tmp_path):
 
     run = load_run_config(ROOT / "configs/standins_4llm.yaml", ["--train.lr", "3e-4", "--data.max_length=48"])
     assert run.train.lr == 3e-4 and run.data.max_length == 48
+
+
+def test_resume_is_exact_with_dropout_accumulation_and_an_uneven_epoch_boundary(standin_paths, tmp_path):
+    """Dropout on (its random draws restored with the checkpoint), 3 micro-batches per update, and an epoch of 16
+    micro-batches (not a multiple of 3): the run is killed past an epoch boundary and resumed from a checkpoint
+    taken inside the next epoch; every loss equals the uninterrupted run's."""
+    def cfg(folder):
+        data = tiny(folder, train__gradient_accumulation=3, train__max_steps=12, train__checkpoint_every=8,
+                    train__eval_every=12)
+        data["model"]["head"]["dropout"] = 0.3
+        data["model"]["adapter"] = {"dropout": 0.2}
+        return build_run_config(data)
+
+    full = train(cfg(tmp_path / "a"))
+    assert train(cfg(tmp_path / "b"), stop_after=10)["stopped_at"] == 10
+    resumed = train(cfg(tmp_path / "b"), resume=True)
+    assert resumed["losses"] == full["losses"]
+    assert resumed["final"] == full["final"]
