@@ -53,7 +53,13 @@ def _typed(where: str, hint, value):
         options = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None and len(options) < len(typing.get_args(hint)):
             return None
-        hint = options[0] if len(options) == 1 else Any
+        if len(options) > 1:  # e.g. str | dict: one of the kinds, checked by the field's own validation after
+            kinds = tuple(typing.get_origin(o) or o for o in options)
+            if not isinstance(value, kinds):
+                raise ConfigError(f"{where}: expected a {' or a '.join(k.__name__ for k in kinds)}, "
+                                  f"got {value!r} ({type(value).__name__})")
+            return value
+        hint = options[0]
     shown = f"{value!r} ({type(value).__name__})"
     if hint is bool:
         if not isinstance(value, bool):
