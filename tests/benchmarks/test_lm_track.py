@@ -28,7 +28,7 @@ def test_micro_lm_track_scores_every_model_and_writes_its_files(lm_track, tmp_pa
     out = tmp_path / "out"
     out.mkdir()
     (out / "results.json").write_text(json.dumps({"track": "grokking", "methods": {}}))
-    results = lm_track.run_lm_track("micro", out, task_items=4, log=lambda *_: None)
+    results = lm_track.run_lm_track("micro", out, log=lambda *_: None)
 
     groups = [e["group"] for e in results["entries"]]
     assert groups.count("backbone") == 4 and groups.count("merge") == 3 and "fused" in groups and "lora" in groups
@@ -52,9 +52,9 @@ def test_micro_lm_track_scores_every_model_and_writes_its_files(lm_track, tmp_pa
     assert len(results["targets"]["lora"]) == 8  # two LoRA controls x (three domains and the mixture)
     assert results["targets"]["headline"] == headline["name"]
     assert results["generation"]["fused_tokens_per_s"] > 0 and results["generation"]["anchor_tokens_per_s"] > 0
-    scored = [e for e in results["entries"] if e.get("task_accuracy")]  # the harness task: not the merges
-    assert [e["group"] for e in scored] == [g for g in groups if g in ("backbone", "fused", "lora")]
-    assert all(0.0 <= e["task_accuracy"]["acc"]["all"] <= 1.0 for e in scored)
+    # the harness task's column (--task-items) goes through lm_track.task_accuracy, which the micro real track's
+    # test runs for members, fused models and LoRA; here it is off, as by default
+    assert not any(e.get("task_accuracy") for e in results["entries"])
 
     for name in ("lm_results.json", "lm_results.md", "lm_shakespeare.png", "lm_code.png", "lm_prose.png",
                  "lm_mixture.png"):
@@ -62,4 +62,4 @@ def test_micro_lm_track_scores_every_model_and_writes_its_files(lm_track, tmp_pa
     shared = json.loads((out / "results.json").read_text())
     assert shared["track"] == "grokking" and shared["lm_track"]["preset"] == "micro"
     table = (out / "lm_results.md").read_text()
-    assert "(headline) | fused |" in table and "| task acc |" in table
+    assert "(headline) | fused |" in table and "| task acc |" in table  # the column, empty
