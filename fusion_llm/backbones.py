@@ -27,7 +27,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from fusion_llm.config import BackboneSpec, ConfigError
-from fusion_llm.paths import cache_dir, write_json_atomic
+from fusion_llm.paths import cache_dir, sha256_file, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +73,7 @@ def file_sha256(path: str | Path) -> str:
     except (OSError, ValueError):
         memo = {}
     if key not in memo:
-        digest = hashlib.sha256()
-        with real.open("rb") as fh:
-            while chunk := fh.read(1 << 24):
-                digest.update(chunk)
-        memo[key] = digest.hexdigest()
+        memo[key] = sha256_file(real)
         try:
             write_json_atomic(memo_path, memo)
         except OSError:  # a read-only cache: hash again next time

@@ -7,6 +7,7 @@ Everything lives under one cache folder, ``$FUSION_LLM_CACHE`` or ``~/.cache/fus
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -37,6 +38,15 @@ def standin_dir(family: str) -> Path:
 def tokenizers_available() -> bool:
     """True when all four real tokenizers have been fetched into the cache."""
     return all((tokenizer_dir(f) / "tokenizer.json").is_file() for f in FAMILIES)
+
+
+def sha256_file(path: str | Path) -> str:
+    """The sha256 of a file's whole content (hex), read in blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> Path:

