@@ -93,10 +93,7 @@ def load_fused(head: str | Path, *, anchor_only: bool = False, device: str | Non
         return FusionModel.from_pretrained(path, device_map=device_map)
     spec = next(s for s in config.backbone_specs if s.anchor)
     anchor = load_backbone(spec, with_lm_head=True, device_map=device_map)
-    expected = (config.fingerprints or {}).get(anchor.name) or {}
-    for part in ("config", "tokenizer", "weights"):
-        if expected.get(part) and anchor.fingerprint.get(part) and expected[part] != anchor.fingerprint[part]:
-            raise ConfigError(f"backbone {anchor.name!r}: its {part} does not match the one this head was trained on")
+    FusionModel._check_fingerprint(config, anchor)  # the same identity check as a fused load
     return alone_model(anchor, config.shared_width)
 
 
