@@ -99,13 +99,17 @@ def _from_dict(cls, where: str, data: dict | Any, prefix: str | None = None):
         return data
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    _check_keys(where, data, {f.name for f in dataclasses.fields(cls)})
+    fields = dataclasses.fields(cls)
+    _check_keys(where, data, {f.name for f in fields})
     hints = typing.get_type_hints(cls)
     prefix = f"{where}." if prefix is None else prefix
+    for f in fields:
+        if f.name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{prefix}{f.name}: missing; this field is required")
     data = {k: _typed(f"{prefix}{k}", hints[k], v) for k, v in data.items()}
     try:
         return cls(**data)
-    except TypeError as err:  # a missing required field
+    except TypeError as err:  # a check that met a value it did not expect
         raise ConfigError(f"{where}: {err}") from None
 
 

@@ -17,7 +17,7 @@ from fusion_llm.generation import generate
 from fusion_llm.heads import FusionHead, FusionOutput, add_residual, mixed_logits, pool
 from fusion_llm.member_lora import detach
 from fusion_llm.paths import atomic_dir
-from fusion_llm.vocab_bridge import bridge_for, top_log_probs
+from fusion_llm.vocab_bridge import bridge_for, logsumexp, top_log_probs
 
 log = logging.getLogger(__name__)
 
@@ -349,7 +349,7 @@ class FusionModel(nn.Module):
             (nothing where the source has no position yet).
         """
         flat = anchor_logits.reshape(-1, anchor_logits.shape[-1])
-        lse = torch.cat([flat[i:i + rows].float().logsumexp(-1) for i in range(0, flat.shape[0], rows)])
+        lse = torch.cat([logsumexp(flat[i:i + rows].float()) for i in range(0, flat.shape[0], rows)])
         out = []
         for name, (top, ids, valid) in tops.items():
             bridge = bridge_for(self._backbones[name], self.anchor)

@@ -21,6 +21,11 @@ from fusion_llm.paths import cache_dir
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def _check_seed(where: str, seed: int) -> None:
+    if not 0 <= seed < 2 ** 32:  # what numpy, datasets and accelerate's set_seed take
+        raise ConfigError(f"{where}.seed: expected a whole number from 0 to 2**32 - 1, got {seed}")
+
+
 @dataclass
 class DataConfig:
     """Where examples come from.
@@ -57,6 +62,7 @@ class DataConfig:
             self.task = "topics"
         elif len(sources) != 1:
             raise ConfigError("data: give exactly one of task, dataset or files")
+        _check_seed("data", self.seed)
         if self.max_length <= 0:
             raise ConfigError(f"data.max_length: must be positive, got {self.max_length}")
         for key in ("max_train_examples", "max_eval_examples"):
@@ -107,6 +113,7 @@ class TrainConfig:
     cache_limit_gb: float = 20.0
 
     def __post_init__(self):
+        _check_seed("train", self.seed)
         positive = ["lr", "batch_size", "gradient_accumulation", "eval_every", "checkpoint_every", "keep_checkpoints"]
         for key in positive:
             if getattr(self, key) <= 0:

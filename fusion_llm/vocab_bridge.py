@@ -221,6 +221,17 @@ def less_next(top_log_probs: torch.Tensor, top_ids: torch.Tensor, k: int) -> tup
     return p.log(), top_ids[:, :k]
 
 
+def logsumexp(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """``torch.logsumexp`` over ``dim``, several times faster on an LM's wide logits on CPU: torch's ``exp`` takes a
+    slow path for arguments below about -87 (results outside float32's normal range), which most of a 262k-token
+    vocabulary is, relative to its largest logit. Such terms are below 1.8e-35 of the largest one, so clamping
+    them there leaves every float32 sum as it was; a row of only ``-inf`` stays ``-inf``."""
+    top = x.amax(dim, keepdim=True)
+    safe = torch.where(top.isfinite(), top, torch.zeros_like(top))
+    out = (x - safe).clamp_min_(-80.0).exp_().sum(dim).log_() + safe.squeeze(dim)
+    return torch.where(top.squeeze(dim).isfinite(), out, top.squeeze(dim))
+
+
 def top_log_probs(backbone, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A frozen LM's ``k`` most likely next tokens (through its own output layer, `FrozenBackbone.lm_logits`),
     each less the probability of the (k+1)-th (`less_next`).
@@ -235,7 +246,7 @@ def top_log_probs(backbone, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor,
     """
     logits = backbone.lm_logits(hidden).float()  # (N, V)
     top, ids = logits.topk(min(k + 1, logits.shape[-1]), dim=-1)
-    top = top - torch.logsumexp(logits, dim=-1, keepdim=True)
+    top = top - logsumexp(logits).unsqueeze(-1)
     log_probs = top[:, :k]
     p = log_probs.exp()
     rest = (1.0 - p.sum(-1)).clamp_min(1e-12)

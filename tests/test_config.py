@@ -134,6 +134,35 @@ def test_every_field_of_the_wrong_type_is_named(cls, where, name, hint):
         _from_dict(cls, where, {**base, name: _wrong_value(hint)})
 
 
+def _numeric(hint) -> bool:
+    text = str(hint)
+    return ("int" in text or "float" in text) and "list" not in text and "dict" not in text
+
+
+@pytest.mark.parametrize("cls, where, name, hint", [s for s in _sections() if _numeric(s[3])],
+                         ids=lambda v: v if isinstance(v, str) else None)
+def test_every_number_out_of_range_is_named(cls, where, name, hint):
+    """The whole schema, systematically: no numeric field takes a negative value (every count, size, rate,
+    probability and seed is >= 0), and each refusal is one ConfigError naming the field."""
+    from fusion_llm.config import _from_dict
+
+    base = {"name": "a", "model": "m"} if where.startswith("backbones") else {}
+    field = "backbones['a']" if where.startswith("backbones") else where
+    with pytest.raises(ConfigError, match=rf"^{__import__('re').escape(field)}\.{name}: "):
+        _from_dict(cls, where, {**base, name: -1})
+
+
+@pytest.mark.parametrize("cls, where, name", [(c, w, f.name) for c, w, *_ in {s[:2]: s for s in _sections()}.values()
+                                              for f in __import__("dataclasses").fields(c)
+                                              if f.default is f.default_factory is __import__("dataclasses").MISSING])
+def test_every_missing_required_field_is_named(cls, where, name):
+    from fusion_llm.config import _from_dict
+
+    full = {"name": "a", "model": "m"}
+    with pytest.raises(ConfigError, match=rf"^{__import__('re').escape(where)}\.{name}: missing; this field is "):
+        _from_dict(cls, where, {k: v for k, v in full.items() if k != name})
+
+
 def test_numbers_yaml_reads_as_strings_are_taken_and_non_finite_ones_refused(tmp_path):
     """``lr: 3e-4`` (YAML 1.1 reads it as a string) is the number a user meant; nan / inf are refused."""
     from fusion_llm.runconfig import build_run_config

@@ -116,3 +116,18 @@ def test_near_ties_at_the_edge_of_the_top_k_do_not_move_the_bridged_distribution
     hard = [anchor_lp + bridge.correction(*lp.topk(bridge.top_k), anchor_lp)
             for lp in (logits.log_softmax(-1), swapped.log_softmax(-1))]
     assert moved(hard[0].log_softmax(-1), hard[1].log_softmax(-1)) > edge / 4
+
+
+def test_fast_logsumexp_equals_torchs_on_wide_logits():
+    """The clamped `logsumexp` gives torch's value on logits spanning hundreds of nats, where most terms fall
+    below float32's normal range, on rows with some or only ``-inf``, and at a single finite logit."""
+    from fusion_llm.vocab_bridge import logsumexp
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 50_000, generator=gen) * 60
+    x[1, 10:] = float("-inf")
+    x[2] = float("-inf")
+    x[3, 1:] = float("-inf")
+    torch.testing.assert_close(logsumexp(x), torch.logsumexp(x, -1))
+    assert logsumexp(x)[2] == float("-inf") and logsumexp(x)[3] == x[3, 0]
+    torch.testing.assert_close(logsumexp(x.T, dim=0), torch.logsumexp(x, -1))
