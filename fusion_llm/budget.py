@@ -9,22 +9,28 @@ Storage per parameter:
 
 "bf16-equivalent parameters" = stored bytes / 2: the number of bf16 parameters that would take the
 same memory. The limit (``FusionConfig.budget_limit``, default 8e9) applies to the frozen backbones
-as loaded (truncated) plus every trainable parameter.
+as loaded (truncated to what `fusion_llm.backbones.load_backbone` keeps) plus every trainable parameter,
+in the same unit (an fp32 trainable parameter counts 2). A hub-only backbone is planned from its config.json
+(fetched alone when it is not cached). Where the backbones go to GPUs, `check_budget` also compares the
+memory estimate with the GPUs' free memory before anything loads.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM
 
+from fusion_llm.backbones import loaded_depth
 from fusion_llm.config import BackboneSpec, FusionConfig
 from fusion_llm.errors import BudgetError
 from fusion_llm.heads import FusionHead
 
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)
+TRAINABLE_BYTES = 4  # the head and member adapters train in fp32 (accelerate's mixed precision keeps fp32 weights)
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
@@ -55,8 +61,12 @@ class Plan:
     memory_bytes: float
 
     @property
+    def trainable_bf16_equivalent(self) -> float:
+        return self.trainable_params * TRAINABLE_BYTES / 2
+
+    @property
     def total_bf16_equivalent(self) -> float:
-        return sum(b.bf16_equivalent for b in self.backbones) + self.trainable_params
+        return sum(b.bf16_equivalent for b in self.backbones) + self.trainable_bf16_equivalent
 
     @property
     def within_budget(self) -> bool:
@@ -72,7 +82,7 @@ class Plan:
                         f"{b.run_params / 1e9:.3f}B | {b.layers_run}/{b.num_layers} | {b.stored_bytes / 1e9:.2f} | "
                         f"{b.bf16_equivalent / 1e9:.3f}B |")
         rows.append(f"| trainable head | fp32 | | {self.trainable_params / 1e6:.2f}M | | "
-                    f"{self.trainable_params * 4 / 1e9:.3f} | {self.trainable_params / 1e9:.4f}B |")
+                    f"{self.trainable_params * TRAINABLE_BYTES / 1e9:.3f} | {self.trainable_bf16_equivalent / 1e9:.4f}B |")
         total_full = sum(b.total_params for b in self.backbones)
         verdict = "within" if self.within_budget else "OVER"
         rows.append(f"| **total** | | {total_full / 1e9:.2f}B | | | | **{self.total_bf16_equivalent / 1e9:.3f}B** |")
@@ -83,8 +93,8 @@ class Plan:
         )
 
 
-def _meta_model(spec: BackboneSpec, with_lm_head: bool) -> nn.Module:
-    config = spec.load_model_config()
+def _meta_model(spec: BackboneSpec, with_lm_head: bool, config=None) -> nn.Module:
+    config = config or spec.load_model_config()
     spec.fill_from(config)
     loader = AutoModelForCausalLM if with_lm_head else AutoModel
     with torch.device("meta"):
@@ -96,11 +106,11 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     return decoder.layers
 
 
-def plan_backbone(spec: BackboneSpec, with_lm_head: bool = False) -> BackbonePlan:
-    """Parameters and storage of one backbone, from its config on the meta device."""
-    model = _meta_model(spec, with_lm_head)
+def plan_backbone(spec: BackboneSpec, with_lm_head: bool = False, config=None) -> BackbonePlan:
+    """Parameters and storage of one backbone, from its config (default: read locally) on the meta device."""
+    model = _meta_model(spec, with_lm_head, config)
     layers = _decoder_layers(model)
-    depth = spec.num_hidden_layers if with_lm_head else spec.deepest_tap
+    depth = loaded_depth(spec, with_lm_head)
     dropped = {id(p) for layer in layers[depth:] for p in layer.parameters()}
     quantizable = {id(m.weight) for layer in layers for m in layer.modules() if isinstance(m, nn.Linear)}
     dtype_bytes = DTYPE_BYTES[spec.compute_dtype]
@@ -165,28 +175,57 @@ def plan(config: FusionConfig, batch_size: int = 8, seq_len: int = 512) -> Plan:
     specs = config.backbone_specs
     predictions = lm and config.head.get("source_predictions", False)
     for spec in specs:
+        model_config = spec.load_model_config(hub=True)  # a hub-only backbone: its config.json alone
         with_head = lm and (spec.anchor or predictions)  # source predictions need every source's LM head
-        bp = plan_backbone(spec, with_lm_head=with_head)
+        bp = plan_backbone(spec, with_lm_head=with_head, config=model_config)
         config.set_backbone_fields(spec.name, num_hidden_layers=spec.num_hidden_layers, hidden_size=spec.hidden_size,
                                    max_position_embeddings=spec.max_position_embeddings)
         plans.append(bp)
-        memory += bp.stored_bytes + _activation_bytes(spec, batch_size, seq_len, spec.load_model_config(), bp.layers_run)
+        memory += bp.stored_bytes + _activation_bytes(spec, batch_size, seq_len, model_config, bp.layers_run)
+        vocab = model_config.get_text_config().vocab_size
         if lm and spec.anchor:
-            vocab = spec.load_model_config().get_text_config().vocab_size
             memory += 3 * 4 * batch_size * seq_len * vocab  # fp32 logits, their softmax and gradient
         elif with_head:  # a source's fp32 logits (no gradient) before its top-k
-            memory += 4 * batch_size * seq_len * spec.load_model_config().get_text_config().vocab_size
+            memory += 4 * batch_size * seq_len * vocab
     trainable = trainable_parameters(config)
-    memory += trainable * (4 + 4 + 8)  # fp32 weights, gradients, AdamW moments
+    memory += trainable * (TRAINABLE_BYTES + 4 + 8)  # fp32 weights, gradients, AdamW moments
     return Plan(plans, trainable, float(config.budget_limit), batch_size, seq_len, memory)
 
 
-def check_budget(config: FusionConfig) -> Plan | None:
-    """Raise `BudgetError` (with the table) when the config is over budget; None when it cannot be planned
-    because a backbone's config is only on the hub (it is then checked again after loading)."""
-    if any(s.model_config_source() is None for s in config.backbone_specs):
+def gpu_free_bytes(config: FusionConfig) -> float | None:
+    """Free memory of the GPUs the backbones will be placed on (each backbone's ``device_map``; none given: this
+    process's GPU, ``LOCAL_RANK`` under a launcher), or None when none goes to a GPU or none is present."""
+    if not torch.cuda.is_available():
         return None
-    result = plan(config)
+    current, devices = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())), set()
+    for spec in config.backbone_specs:
+        where = spec.device_map
+        targets = where.values() if isinstance(where, dict) else [where]
+        for target in targets:
+            if target is None or target == "cuda":
+                devices.add(current)
+            elif target == "auto":
+                devices.update(range(torch.cuda.device_count()))
+            elif isinstance(target, int) or str(target).isdigit():
+                devices.add(int(target))
+            elif str(target).startswith("cuda:"):
+                devices.add(int(str(target)[len("cuda:"):]))
+    return float(sum(torch.cuda.mem_get_info(d)[0] for d in devices)) if devices else None
+
+
+def check_budget(config: FusionConfig, batch_size: int = 1, seq_len: int = 1) -> Plan:
+    """Raise `BudgetError` (with the table) when the config is over its parameter budget, or when its memory
+    estimate at ``batch_size`` x ``seq_len`` tokens exceeds the free memory of the GPUs it goes to."""
+    result = plan(config, batch_size, seq_len)
     if not result.within_budget:
-        raise BudgetError(f"budget_limit: the plan is over budget\n{result.table()}")
+        raise BudgetError(f"budget_limit: the plan needs {result.total_bf16_equivalent / 1e9:.3f}B bf16-equivalent "
+                          f"parameters, over the limit of {result.limit / 1e9:.3f}B; tap shallower layers, quantize "
+                          f"(quantization: nf4) or raise model.budget_limit", result.table())
+    free = gpu_free_bytes(config)
+    if free is not None and result.memory_bytes > free:
+        raise BudgetError(
+            f"device memory: the plan needs about {result.memory_bytes / 2**30:.1f} GiB at batch {batch_size} x "
+            f"{seq_len} tokens and the GPU(s) it goes to have {free / 2**30:.1f} GiB free; lower train.batch_size or "
+            f"data.max_length, quantize the backbones (quantization: nf4) or spread them over more GPUs "
+            f"(backbones[].device_map)", result.table())
     return result

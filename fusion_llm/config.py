@@ -218,12 +218,13 @@ class BackboneSpec:
             return self.model
         return None
 
-    def load_model_config(self) -> PreTrainedConfig:
-        """The backbone's transformers config, read from local files only (never the network)."""
+    def load_model_config(self, hub: bool = False) -> PreTrainedConfig:
+        """The backbone's transformers config, read from local files (with ``hub``, a hub-only model's config.json
+        is fetched when it is not in the local cache; nothing else is downloaded)."""
         source = self.model_config_source()
         try:
             if source is None:
-                return AutoConfig.from_pretrained(self.model, revision=self.revision, local_files_only=True)
+                return AutoConfig.from_pretrained(self.model, revision=self.revision, local_files_only=not hub)
             if source.endswith(".json"):
                 if not Path(source).is_file():
                     raise ConfigError(f"backbones[{self.name!r}].config_path: {source} does not exist")
@@ -235,7 +236,8 @@ class BackboneSpec:
         except (OSError, ValueError) as err:
             raise ConfigError(
                 f"backbones[{self.name!r}]: cannot read the config of {self.model!r} "
-                f"({str(err).splitlines()[0]}); give a local directory or config_path"
+                f"({str(err).splitlines()[0]}); give a local directory or config_path (configs/backbones/ holds the "
+                f"four real ones)"
             ) from None
 
     def resolve_model_config(self) -> None:

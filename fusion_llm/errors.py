@@ -9,7 +9,11 @@ class ConfigError(ValueError):
 
 
 class BudgetError(ConfigError):
-    """The plan is over the configured budget; the message holds the table."""
+    """The plan is over the configured budget or the GPUs' memory: ``str(err)`` is one line, ``err.table`` the plan."""
+
+    def __init__(self, message: str, table: str = ""):
+        super().__init__(message)
+        self.table = table
 
 
 class MergeRefused(RuntimeError):

@@ -205,6 +205,12 @@ def train(run: RunConfig, *, resume: bool = False, cache_features: bool | None =
     if not resume and checkpoints:
         raise ConfigError(f"output_dir: {output_dir} holds checkpoints of an unfinished run ({checkpoints[-1].name}); "
                           "use --resume to continue it, or a new output_dir")
+    config = run.fusion_config()
+    lm = config.head["kind"] == "lm"
+    if lm and cache_features:
+        raise ConfigError("train.cache_features: the feature cache serves classification heads (pooled features); "
+                          "LM heads train from the backbones")
+    check_budget(config, tcfg.batch_size, run.data.max_length)  # parameters, and GPU memory where there is one
     tracker = _tracker(run.tracker, output_dir)
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # lets torchrun's processes form a gloo group on CPU
@@ -218,12 +224,6 @@ def train(run: RunConfig, *, resume: bool = False, cache_features: bool | None =
         log = lambda *_: None  # noqa: E731  (one voice: the main process)
     set_seed(tcfg.seed)
 
-    config = run.fusion_config()
-    lm = config.head["kind"] == "lm"
-    if lm and cache_features:
-        raise ConfigError("train.cache_features: the feature cache serves classification heads (pooled features); "
-                          "LM heads train from the backbones")
-    check_budget(config)
     raw = load_raw(run.data, need_labels=not lm)  # data errors surface before any backbone loads
     if not lm:
         check_labels(raw, run.data.label_column, config.head["num_labels"])
@@ -399,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
         run = load_run_config(args.config, overrides)
         summary = train(run, resume=args.resume, cache_features=args.cache_features or None)
     except (ConfigError, NonFiniteLoss, FileNotFoundError) as err:
+        if getattr(err, "table", ""):  # an over-budget plan: the table on stdout, the line on stderr
+            print(err.table)
         print(f"error: {err}", file=sys.stderr)
         return 2
     if summary.get("output") and os.environ.get("RANK", "0") == "0":

@@ -27,7 +27,11 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(result.table())
-    return 0 if result.within_budget else 2
+    if not result.within_budget:
+        print(f"error: budget_limit: the plan needs {result.total_bf16_equivalent / 1e9:.3f}B bf16-equivalent "
+              f"parameters, over the limit of {result.limit / 1e9:.3f}B", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

@@ -179,3 +179,106 @@ def test_numbers_yaml_reads_as_strings_are_taken_and_non_finite_ones_refused(tmp
         build_run_config({"model": {"backbones": []}})
     with pytest.raises(ConfigError, match="shared_width: expected an integer"):
         build_run_config({"model": {**model, "shared_width": "wide"}})
+
+
+# ---- budget: what loads is what is planned; over-budget and over-memory plans are refused before loading ----
+
+def test_the_plan_counts_trainable_parameters_in_bf16_equivalents_and_the_depth_load_backbone_keeps():
+    """An fp32 trainable parameter weighs two bf16 ones; a backbone tapped at its embeddings (layer 0) still keeps
+    one decoder layer when loaded, and the plan says so."""
+    from fusion_llm.backbones import loaded_depth
+
+    config = FusionConfig(backbones=[backbone(tap_layers=[0]), {**backbone(name="gemma", model="google/gemma-2-2b",
+                                                                          config_path=GEMMA), "tap_layers": [8]}])
+    result = plan(config)
+    assert result.total_bf16_equivalent == pytest.approx(
+        sum(b.bf16_equivalent for b in result.backbones) + 2 * result.trainable_params)
+    for spec, planned in zip(config.backbone_specs, result.backbones):
+        assert planned.layers_run == loaded_depth(spec, with_lm_head=False)
+    assert [b.layers_run for b in result.backbones] == [1, 8]
+
+
+def test_a_loaded_standin_keeps_the_layers_its_plan_counts(standin_paths):
+    from fusion_llm.backbones import load_backbone
+    from fusion_llm.config import BackboneSpec
+
+    for taps, with_head in (([0], False), ([2], False), ([2], True)):
+        spec = BackboneSpec(name="m", model=standin_paths["mistral"], tap_layers=taps, quantization="none",
+                            anchor=with_head)
+        layers = load_backbone(spec, with_lm_head=with_head).model.get_decoder().layers
+        planned = plan(FusionConfig(backbones=[spec.to_dict()], head={"kind": "lm"} if with_head else None))
+        assert planned.backbones[0].layers_run == len(layers), (taps, with_head)
+
+
+def test_a_hub_only_backbone_is_planned_from_its_config_json(monkeypatch):
+    """No local folder or config_path: the plan fetches the model's config.json (never skips the backbone); when
+    that cannot be had either, one line names the backbone and the fix."""
+    import transformers
+
+    import fusion_llm.config
+
+    real = transformers.AutoConfig.from_pretrained
+    asked = []
+
+    def from_pretrained(model, *args, local_files_only=False, **kwargs):
+        asked.append((model, local_files_only))
+        if model == "someorg/llama-like" and not local_files_only:  # what the hub would serve
+            return transformers.AutoConfig.for_model(**__import__("json").loads(Path(LLAMA).read_text()))
+        return real(model, *args, local_files_only=True, **kwargs)
+
+    monkeypatch.setattr(fusion_llm.config.AutoConfig, "from_pretrained", from_pretrained)
+    config = FusionConfig(backbones=[{"name": "hub", "model": "someorg/llama-like", "tap_layers": [16]}])
+    from fusion_llm.budget import check_budget
+
+    result = check_budget(config)
+    assert [b.name for b in result.backbones] == ["hub"] and result.backbones[0].layers_run == 16
+    assert ("someorg/llama-like", False) in asked
+    config = FusionConfig(backbones=[{"name": "gone", "model": "someorg/not-there", "tap_layers": [1]}])
+    with pytest.raises(ConfigError, match=r"^backbones\['gone'\]: cannot read the config of 'someorg/not-there' .*"
+                                          r"give a local directory or config_path"):
+        check_budget(config)
+
+
+def test_over_budget_is_one_line_on_stderr_and_the_table_on_stdout(tmp_path, capsys):
+    from fusion_llm.training import main
+
+    out = tmp_path / "run"
+    config = str(ROOT / "configs/fusion_4llm.yaml")
+    assert main(["--config", config, "--model.budget_limit", "1e9", "--output_dir", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [captured.err.strip()]
+    assert captured.err.startswith("error: budget_limit: the plan needs 6.9") and "over the limit of 1.000B" in captured.err
+    assert "| **total** |" in captured.out and "OVER budget" in captured.out
+    assert not out.exists()  # refused before anything was written or loaded
+    sys_argv = ["--config", config, "--model.budget_limit", "1e9"]
+    plan_script = __import__("runpy").run_path(str(ROOT / "scripts/plan.py"))
+    assert plan_script["main"](sys_argv) == 2
+    captured = capsys.readouterr()
+    assert len(captured.err.strip().splitlines()) == 1 and "| **total** |" in captured.out
+
+
+def test_a_plan_over_the_gpus_free_memory_is_refused_before_loading(monkeypatch):
+    """Where the backbones go to GPUs, the memory estimate at the run's batch and length is compared with the
+    free memory of those GPUs (here a GPU is simulated: this machine has none)."""
+    import torch
+
+    from fusion_llm.budget import BudgetError, check_budget, gpu_free_bytes
+
+    free = {0: 16 * 2**30, 1: 30 * 2**30}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (free[d], 80 * 2**30))
+    config = load_run_config(ROOT / "configs/fusion_4llm.yaml").fusion_config()
+    assert gpu_free_bytes(config) == free[0]  # every backbone on this process's GPU
+    with pytest.raises(BudgetError, match=r"^device memory: the plan needs about 1\d\.\d GiB at batch 4 x 512 tokens "
+                                          r"and the GPU\(s\) it goes to have 16\.0 GiB free; lower train.batch_size"):
+        check_budget(config, 4, 512)
+    assert check_budget(config, 1, 64).within_budget  # a smaller batch fits
+    spread = FusionConfig(**{**config.to_dict(), "backbones": [
+        {**b, "device_map": "auto" if i == 0 else f"cuda:{i % 2}"} for i, b in enumerate(config.to_dict()["backbones"])]})
+    assert gpu_free_bytes(spread) == free[0] + free[1]
+    assert check_budget(spread, 4, 512).within_budget
+    on_cpu = FusionConfig(**{**config.to_dict(), "backbones": [
+        {**b, "device_map": "cpu"} for b in config.to_dict()["backbones"]]})
+    assert gpu_free_bytes(on_cpu) is None
