@@ -281,7 +281,8 @@ def fused_run_config(preset: LMPreset, dirs: dict[str, Path], output_dir: Path, 
     return build_run_config({
         "model": {"backbones": backbones, **(model or FUSION_MODEL)},
         "data": {"files": {"train": files["train"], "validation": files["validation"]}, "max_length": preset.head_seq,
-                 "max_train_examples": preset.head_steps * preset.head_batch, "max_eval_examples": 32},
+                 "max_train_examples": preset.head_steps * preset.head_batch,
+                 "max_eval_examples": min(32, 4 * preset.eval_rows)},  # quick and full: 32; micro: 8
         "train": {"lr": preset.head_lr, "batch_size": preset.head_batch, "max_steps": preset.head_steps,
                   "warmup_steps": preset.head_warmup, "eval_every": preset.head_steps,
                   "checkpoint_every": preset.head_steps, "seed": 0},
