@@ -24,6 +24,7 @@ A test loads the seed's module layout into this model and checks the logits agre
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.grokking.measure import counting_flops
 from fusion_llm.data.grokking import DEFAULT_SPLIT_SEED, TRAIN_FRACTION, VOCABULARY, split_indices, task_examples
 
 SEED_TOKENS = ("o", "=")  # the seed's two non-element tokens, ids 0 and 1
@@ -293,10 +295,13 @@ def fit_baseline(
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(update, schedule)
         inputs, labels = draw(train_inputs, train_labels, schedule.batch_size, train_sampler)
-        logits = model(inputs)  # (B, classes)
-        loss = F.cross_entropy(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with counting_flops() if update == 0 else contextlib.nullcontext() as counter:  # one update's FLOPs
+            logits = model(inputs)  # (B, classes)
+            loss = F.cross_entropy(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        if update == 0:
+            flops_per_update = counter.get_total_flops()
         optimizer.step()
         loss_sum += loss.detach() * len(labels)
         correct_sum += (logits.detach().argmax(-1) == labels).sum()
@@ -330,6 +335,8 @@ def fit_baseline(
         "curve": curve,
         "num_parameters": count_parameters(model),
         "wall_time_s": time.perf_counter() - start,
+        "flops_per_update": flops_per_update,
+        "train_flops": flops_per_update * schedule.num_updates,
         "task": task,
         "seed": seed,
         "split_seed": split_seed,
@@ -351,7 +358,8 @@ def train_baseline(task: str, seed: int, num_updates: int | None = None, eval_ev
         (train values: mean over the last ``eval_every`` training batches, as the seed),
         ``step_val_acc_99`` (first evaluation step with val acc > 0.99, else the number of
         updates), ``curve`` (one dict per evaluation: ``step, train_loss, train_acc,
-        val_loss, val_acc, elapsed_s``), ``num_parameters``, ``wall_time_s``, and the run's
+        val_loss, val_acc, elapsed_s``), ``num_parameters``, ``wall_time_s``, ``flops_per_update`` (the first
+        update's forward and backward, counted) and ``train_flops`` (times the updates), and the run's
         ``task``, ``seed``, ``split_seed``, ``train_fraction`` and ``schedule``. JSON-ready.
     """
     return fit_baseline(task, seed, num_updates, eval_every, **options)[1]

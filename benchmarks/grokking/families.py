@@ -17,7 +17,7 @@ import torch
 
 from benchmarks.grokking.measure import PeakMemory, evaluate, inference_cost, weights_mib
 from benchmarks.grokking.presets import FAMILY_TASKS
-from benchmarks.grokking.stages import Context, curve_by_task, make_record, score, seeded, trained_per_task
+from benchmarks.grokking.stages import Context, add_flops, curve_by_task, make_record, score, seeded, trained_per_task
 from benchmarks.store import recipe_key
 from benchmarks.grokking.training import fit
 from benchmarks.grokking.experts import FamilyExpert, count_parameters, family_tokenizer
@@ -78,7 +78,8 @@ def stage_family_expert(ctx: Context, seed: int, family: str, task: str):
         return make_record("expert", "families", per_task, trainable=count_parameters(expert, trainable_only=True),
                            total=count_parameters(expert), wall_s=training["wall_s"], cost=cost,
                            weights=weights_mib(expert), trained_tasks=[task], produce_peak_mib=peak.mib,
-                           curve=curve_by_task(training["curve"]),
+                           curve=curve_by_task(training["curve"]), train_flops=training["train_flops"],
+                           flops_per_update=training["flops_per_update"],
                            details={"family": family, "own_task": task, "class": type(expert.causal_lm).__name__,
                                     "frozen": "token embeddings (and the tied LM head)",
                                     "updates": p.family.num_updates, "folder": str(folder)})
@@ -109,7 +110,8 @@ def run_families(ctx: Context, seed: int, stage_fusion) -> dict[str, dict]:
         records[f"family expert {family}"] = record
         folders[family], keys[family] = str(folder), key
     upstream = sum(records[f"family expert {f}"]["wall_s"] for f in FAMILY_TASKS)
-    for method, record in stage_fusion(ctx, seed, "families", folders, keys, upstream).items():
+    upstream_flops = add_flops(*[records[f"family expert {f}"].get("train_flops") for f in FAMILY_TASKS])
+    for method, record in stage_fusion(ctx, seed, "families", folders, keys, upstream, upstream_flops).items():
         records[f"families fusion {method}"] = record
     refusal = ctx.store.stage("refusal", {"seed": seed, "experts": keys}, f"seed {seed}: mergekit on the families",
                               lambda: mergekit_refusal(folders))

@@ -1,4 +1,8 @@
-"""Measurements: accuracy and loss per task, inference time per 1000 examples, peak memory.
+"""Measurements: accuracy and loss per task, inference time and FLOPs per 1000 examples, peak memory, FLOPs.
+
+FLOPs are counted by torch's own ``FlopCounterMode`` (`counting_flops`): the matrix products and attention of
+every op that runs inside, forward and backward (elementwise work, the optimizer's update and mergekit's
+weight arithmetic are not counted: a small share for these models).
 
 Peak memory is the process's peak resident set size (``VmHWM``) while a piece of work runs, minus the
 resident size just before it: Linux lets a process reset its own peak by writing ``5`` to
@@ -21,10 +25,32 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from fusion_llm.data.grokking import TASKS
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # row indices (B,) -> logits (B, 217)
+
+
+class _TotalOnly:
+    """Stands in for FlopCounterMode's module tracker: every count goes to the total. torch's tracker hooks each
+    module's outputs for backward, which fails inside ``nn.MultiheadAttention`` ("Expected gradient function to be
+    set", torch 2.13), and only the total is wanted here."""
+
+    parents = {"Global"}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return None
+
+
+def counting_flops() -> FlopCounterMode:
+    """A silent FLOP counter: ``with counting_flops() as c: ...`` then ``c.get_total_flops()``."""
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _TotalOnly()
+    return counter
 
 
 @torch.no_grad()
@@ -103,7 +129,7 @@ class PeakMemory(contextlib.AbstractContextManager):
 def inference_cost(run: Callable[[object], object], batches: list, num_examples: int, repeats: int = 3) -> dict:
     """Time and peak memory of answering prepared batches, per 1000 examples.
 
-    After one warm-up batch, all batches are answered ``repeats`` times; the fastest pass is reported
+    After one warm-up pass (which also counts the FLOPs), all batches are answered ``repeats`` times; the fastest pass is reported
     (other processes share the CPU), and the peak memory over all passes.
 
     Args:
@@ -114,7 +140,9 @@ def inference_cost(run: Callable[[object], object], batches: list, num_examples:
     """
     passes = []
     with torch.no_grad():
-        run(batches[0])  # warm-up: lazy inits, allocator
+        with counting_flops() as flops:  # the warm-up pass (lazy inits, allocator) counts the FLOPs
+            for batch in batches:
+                run(batch)
         with PeakMemory() as peak:
             for _ in range(repeats):
                 start = time.perf_counter()
@@ -122,7 +150,7 @@ def inference_cost(run: Callable[[object], object], batches: list, num_examples:
                     run(batch)
                 passes.append(time.perf_counter() - start)
     return {"inference_ms_per_1000": 1e6 * min(passes) / num_examples, "inference_peak_mib": peak.mib,
-            "memory_method": peak.method}
+            "memory_method": peak.method, "inference_flops_per_1000": 1000 * flops.get_total_flops() / num_examples}
 
 
 def weights_mib(*modules: nn.Module) -> float:

@@ -5,6 +5,8 @@ Conventions:
 - ``step_val_acc_99``: the first evaluated update with val acc > 0.99; when never reached, the
   number of updates trained (the seed's convention), and ``reached_99`` says on how many seeds it was
   reached. Methods that do not train (merges, experts off their task) have None.
+- ``train_flops_to_99``: the total training compute (FLOPs, the experts or base a method is built from included)
+  spent when val acc first passed 0.99; when never reached, all the compute it had (the same convention).
 - ``normalized_acc``: val acc / the val acc of the task's own expert of the same track and seed
   (homogeneous expert for the homogeneous track and the controls, family expert for the families).
 """
@@ -31,8 +33,9 @@ SEED_REPORTED = {
 METRICS = ("val_acc", "val_loss", "train_acc", "train_loss")
 SEED_FORMAT = {"val_acc": "final_val_acc", "val_loss": "final_val_loss", "train_acc": "final_train_acc",
                "train_loss": "final_train_loss"}
-COSTS = ("trainable_params", "total_params", "wall_s", "upstream_wall_s", "inference_ms_per_1000",
-         "inference_peak_mib", "weights_mib", "produce_peak_mib")
+COSTS = ("trainable_params", "total_params", "wall_s", "upstream_wall_s", "train_flops", "upstream_flops",
+         "total_train_flops", "inference_ms_per_1000", "inference_flops_per_1000", "inference_peak_mib", "weights_mib",
+         "produce_peak_mib")
 SHORT = {"x_plus_y": "x+y", "x_minus_y": "x-y", "x_div_y": "x/y", "permutation": "perm"}
 
 
@@ -66,6 +69,17 @@ def _step(record: dict, task: str) -> tuple[float | None, bool | None]:
     if step is None:
         return record["details"].get("updates"), False
     return step, True
+
+
+def _flops_to_99(record: dict, task: str) -> tuple[float | None, bool | None]:
+    """(train_flops_to_99 with the never-reached convention, reached) or (None, None) when untrained or uncounted."""
+    if task not in record.get("trained_tasks", []):
+        return None, None
+    entry = record["per_task"][task]
+    if entry.get("train_flops_to_99") is not None:
+        return entry["train_flops_to_99"], True
+    budget = entry.get("train_flops_budget", record.get("total_train_flops"))
+    return (budget, False) if budget is not None and "train_flops_to_99" in entry else (None, None)
 
 
 def _mean_curve(curves: list[list]) -> list[list[float]]:
@@ -104,6 +118,11 @@ def aggregate(seeds: dict[int, dict[str, dict]]) -> dict[str, dict]:
                 entry["reached_99"] = f"{sum(bool(r) for _, r in steps)}/{len(steps)}"
             else:
                 entry["step_val_acc_99_mean"] = entry["step_val_acc_99_stderr"] = entry["reached_99"] = None
+            flops = [_flops_to_99(r, task) for r in runs]
+            if all(f is not None for f, _ in flops):
+                entry["train_flops_to_99_mean"], entry["train_flops_to_99_stderr"] = mean_stderr([f for f, _ in flops])
+            else:
+                entry["train_flops_to_99_mean"] = entry["train_flops_to_99_stderr"] = None
             per_task[task] = entry
             for metric in METRICS:
                 task_means[metric].append(entry[f"{SEED_FORMAT[metric]}_mean"])
@@ -148,16 +167,18 @@ def check_targets(methods: dict[str, dict]) -> dict:
             entry["above_every_merge_normalized"] = {
                 "met": gap > 0, "fusion": method["normalized_acc_mean"], "best_merge": best_merge[0],
                 "best_merge_value": best_merge[1]["normalized_acc_mean"], "margin": gap}
-        if baseline:
+        if baseline:  # total training compute to 0.99, the experts included (the head's updates alone hide them)
             per_task = {}
             for task in TASKS:
                 f, b = method["per_task"][task], baseline["per_task"][task]
                 reached = f["reached_99"] is not None and f["reached_99"].split("/")[0] == f["reached_99"].split("/")[1]
-                per_task[task] = {"fusion": f["step_val_acc_99_mean"], "fusion_reached": f["reached_99"],
-                                  "baseline": b["step_val_acc_99_mean"], "baseline_reached": b["reached_99"],
-                                  "met": bool(reached and f["step_val_acc_99_mean"] < b["step_val_acc_99_mean"])}
-            entry["steps_below_baseline_all_tasks"] = {"met": all(v["met"] for v in per_task.values()),
-                                                       "per_task": per_task}
+                known = f.get("train_flops_to_99_mean") is not None and b.get("train_flops_to_99_mean") is not None
+                per_task[task] = {"fusion": f.get("train_flops_to_99_mean"), "fusion_reached": f["reached_99"],
+                                  "baseline": b.get("train_flops_to_99_mean"), "baseline_reached": b["reached_99"],
+                                  "met": bool(reached and known and
+                                              f["train_flops_to_99_mean"] < b["train_flops_to_99_mean"])}
+            entry["compute_to_99_below_baseline_all_tasks"] = {"met": all(v["met"] for v in per_task.values()),
+                                                               "per_task": per_task}
         out[name] = entry
     return out
 
@@ -171,6 +192,10 @@ def _fmt(mean, stderr=None, digits=3, seeds=1) -> str:
     if seeds > 1 and stderr:
         text += f" ± {stderr:.{digits}f}"
     return text
+
+
+def _flops(n) -> str:
+    return "—" if n is None else f"{n:.2e}"
 
 
 def _count(n) -> str:
@@ -221,21 +246,37 @@ def render_table(results: dict) -> str:
             cells.append("—" if e["step_val_acc_99_mean"] is None else
                          f"{e['step_val_acc_99_mean']:.0f} ({e['reached_99']})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "## Cost", "", "| method | trainable | total params | produce s | + experts s | infer ms/1000 | "
-              "infer peak MiB | weights MiB | produce peak MiB |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## Total training compute to val acc > 0.99 (FLOPs, the base and experts a method is built from "
+              "included; `n/N` as above, else all the compute it had)", "",
+              "| method | " + " | ".join(SHORT[t] for t in TASKS) + " |", "|" + "---|" * (1 + len(TASKS))]
+    for name, m in methods.items():
+        if "per_task" not in m or all(m["per_task"][t].get("train_flops_to_99_mean") is None for t in TASKS):
+            continue
+        lines.append(f"| {name} | " + " | ".join(
+            "—" if m["per_task"][t].get("train_flops_to_99_mean") is None else
+            f"{_flops(m['per_task'][t]['train_flops_to_99_mean'])} ({m['per_task'][t]['reached_99']})"
+            for t in TASKS) + " |")
+    lines += ["", "## Cost", "", "| method | trainable | total params | produce s | + experts s | train FLOPs | "
+              "+ experts FLOPs | infer ms/1000 | infer FLOPs/1000 | infer peak MiB | weights MiB | produce peak MiB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in methods.items():
         if "per_task" not in m:
             continue
         lines.append(f"| {name} | {_count(m['trainable_params_mean'])} | {_count(m['total_params_mean'])} | "
                      f"{_fmt(m['wall_s_mean'], digits=1)} | {_fmt(m['upstream_wall_s_mean'], digits=1)} | "
+                     f"{_flops(m.get('train_flops_mean'))} | {_flops(m.get('upstream_flops_mean'))} | "
                      f"{_fmt(m['inference_ms_per_1000_mean'], digits=1)} | "
+                     f"{_flops(m.get('inference_flops_per_1000_mean'))} | "
                      f"{_fmt(m['inference_peak_mib_mean'], digits=1)} | "
                      f"{_fmt(m['weights_mib_mean'], digits=1)} | {_fmt(m['produce_peak_mib_mean'], digits=1)} |")
     lines += ["", "Peak memory: resident-set peak above the start of the measured work "
               f"({next((m.get('memory_method') for m in methods.values() if m.get('memory_method')), '?')}, "
               "reset per measurement through /proc/self/clear_refs). `produce s` for merges = the holdout search plus "
               "the final mergekit run; for fusion = feature extraction plus head training; `+ experts s` = training of "
-              "the base and experts the method is built from.", ""]
+              "the base and experts the method is built from. FLOPs: counted by torch's FlopCounterMode (matrix "
+              "products and attention, forward and backward): a model's updates (the first one counted, times the "
+              "updates), a merge's holdout search, a fusion head's feature extraction over the training rows "
+              "(a 256-row sample, scaled) plus its updates.", ""]
     lines += ["## Merge settings chosen on the holdout slice of train (never on validation)", "",
               "| merge | chosen (per seed) | holdout acc (search → final mergekit run) |", "|---|---|---|"]
     for name, m in methods.items():
@@ -272,11 +313,12 @@ def render_table(results: dict) -> str:
             text += (f"; above every merge in normalized acc: {'met' if above['met'] else 'missed'} "
                      f"({above['fusion']:.3f} vs {above['best_merge']} {above['best_merge_value']:.3f}, "
                      f"margin {above['margin']:+.3f})")
-        steps = entry.get("steps_below_baseline_all_tasks")
-        if steps:
-            text += f"; fewer updates to 0.99 than the baseline on every task: {'met' if steps['met'] else 'missed'} ("
-            text += ", ".join(f"{SHORT[t]} {v['fusion']:.0f} [{v['fusion_reached']}] vs {v['baseline']:.0f} "
-                              f"[{v['baseline_reached']}]" for t, v in steps["per_task"].items()) + ")"
+        compute = entry.get("compute_to_99_below_baseline_all_tasks")
+        if compute:
+            text += (f"; less total training compute to 0.99 than the baseline (experts included) on every task: "
+                     f"{'met' if compute['met'] else 'missed'} (")
+            text += ", ".join(f"{SHORT[t]} {_flops(v['fusion'])} [{v['fusion_reached']}] vs {_flops(v['baseline'])} "
+                              f"[{v['baseline_reached']}]" for t, v in compute["per_task"].items()) + ")"
         lines.append(text)
     for note in results.get("notes", []):
         lines.append(f"\n> {note}")
@@ -292,7 +334,8 @@ def _save(fig, path: Path) -> None:
 
 
 def plot(results: dict, out_dir: Path) -> list[str]:
-    """Three PNGs: val acc vs update per task, per-task accuracy by method, accuracy vs inference cost."""
+    """Four PNGs: val acc vs update per task, per-task accuracy by method, accuracy vs inference cost and vs total
+    training compute."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -352,6 +395,21 @@ def plot(results: dict, out_dir: Path) -> list[str]:
     _save(fig, out_dir / "accuracy_vs_inference.png")
     plt.close(fig)
     written.append("accuracy_vs_inference.png")
+
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for name, m in methods.items():
+        x, y = m.get("total_train_flops_mean"), m["final_val_acc_mean"]
+        if not x:
+            continue
+        ax.scatter(x, y, marker=markers.get(m["group"], "x"), s=40)
+        ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("total training FLOPs, the base and experts a method is built from included (log)")
+    ax.set_ylabel("mean val acc over the four tasks")
+    ax.set_title(f"accuracy vs total training compute ({results['preset']})")
+    _save(fig, out_dir / "accuracy_vs_training_compute.png")
+    plt.close(fig)
+    written.append("accuracy_vs_training_compute.png")
     return written
 
 

@@ -3,9 +3,15 @@
 A stage returns a *record* (JSON-ready) for one method and one seed::
 
     {"group", "track", "per_task": {task: {"val_acc", "val_loss", "train_acc", "train_loss",
-     "step_val_acc_99"}}, "trainable_params", "total_params", "wall_s", "upstream_wall_s",
-     "inference_ms_per_1000", "inference_peak_mib", "memory_method", "weights_mib",
-     "produce_peak_mib", "curve": {task: [[step, val_acc], ...]}, "details": {...}}
+     "step_val_acc_99", "train_flops_to_99"}}, "trainable_params", "total_params", "wall_s", "upstream_wall_s",
+     "train_flops", "upstream_flops", "total_train_flops", "inference_ms_per_1000", "inference_flops_per_1000",
+     "inference_peak_mib", "memory_method", "weights_mib", "produce_peak_mib",
+     "curve": {task: [[step, val_acc], ...]}, "details": {...}}
+
+Compute is counted in full: ``train_flops`` is what producing the method itself took (a model's updates; a
+merge's holdout search; a fusion head's feature extraction over the training rows plus its updates),
+``upstream_flops`` what the models it is built from took (the base and the experts), ``total_train_flops`` both;
+``train_flops_to_99`` the total compute spent when val acc first passed 0.99 on a task (upstream included).
 """
 
 from __future__ import annotations
@@ -19,7 +25,15 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from benchmarks.grokking.data import SplitData
-from benchmarks.grokking.measure import LogitsFn, PeakMemory, evaluate, inference_cost, mixed_rows, weights_mib
+from benchmarks.grokking.measure import (
+    LogitsFn,
+    PeakMemory,
+    counting_flops,
+    evaluate,
+    inference_cost,
+    mixed_rows,
+    weights_mib,
+)
 from benchmarks.grokking.presets import ComparePreset
 from benchmarks.store import Store, recipe_key
 from benchmarks.grokking.training import fit
@@ -110,14 +124,30 @@ def trained_per_task(per_task: dict, training: dict) -> dict:
     return per_task
 
 
+def add_flops(*values: float | None) -> float | None:
+    """The sum, or None when any part is unknown (a record cached before FLOPs were counted)."""
+    return None if any(v is None for v in values) else float(sum(values))
+
+
 def make_record(group: str, track: str, per_task: dict, *, trainable: int, total: int, wall_s: float,
                 cost: dict, weights: float, trained_tasks=(), produce_peak_mib: float = 0.0,
-                upstream_wall_s: float = 0.0, curve: dict | None = None, details: dict | None = None) -> dict:
+                upstream_wall_s: float = 0.0, curve: dict | None = None, details: dict | None = None,
+                train_flops: float | None = None, upstream_flops: float | None = 0.0,
+                flops_per_update: float | None = None, fixed_flops: float = 0.0) -> dict:
     """One method's record for one seed (see the module docstring); ``trained_tasks``: the tasks whose
-    ``step_val_acc_99`` is meaningful (the method trained on them)."""
+    ``step_val_acc_99`` is meaningful (the method trained on them). With ``flops_per_update`` each task that
+    reached 0.99 gets ``train_flops_to_99`` = upstream + ``fixed_flops`` (spent before the first update, such as
+    feature extraction) + that many updates."""
+    if flops_per_update is not None:
+        for entry in per_task.values():
+            step = entry.get("step_val_acc_99")
+            entry["train_flops_to_99"] = None if step is None else add_flops(upstream_flops, fixed_flops,
+                                                                              flops_per_update * step)
     return {"group": group, "track": track, "per_task": per_task, "trained_tasks": list(trained_tasks),
             "trainable_params": int(trainable),
-            "total_params": int(total), "wall_s": wall_s, "upstream_wall_s": upstream_wall_s, **cost,
+            "total_params": int(total), "wall_s": wall_s, "upstream_wall_s": upstream_wall_s,
+            "train_flops": train_flops, "upstream_flops": upstream_flops,
+            "total_train_flops": add_flops(train_flops, upstream_flops), **cost,
             "weights_mib": weights, "produce_peak_mib": produce_peak_mib, "curve": curve or {},
             "details": details or {}}
 
@@ -179,6 +209,12 @@ class FrozenFeatures:
             self.labels[split] = table["labels"]
             if not torch.equal(self.labels[split], ctx.splits[split].labels):
                 raise RuntimeError(f"feature cache rows of {split} are out of order")
+            if split == "train":  # extracting the training rows' features is part of training a head
+                sample = torch.randperm(len(tokenized), generator=torch.Generator().manual_seed(0))[:256].tolist()
+                batch = Collator(pad_ids)([tokenized[i] for i in sample])
+                with counting_flops() as counter, torch.no_grad():
+                    model.features(batch["inputs"])
+                self.train_flops = counter.get_total_flops() * len(tokenized) / len(sample)  # a 256-row sample
         self.wall_s = time.perf_counter() - start
 
     def select(self, split: str, rows: torch.Tensor) -> dict[str, list[torch.Tensor]]:
@@ -186,7 +222,7 @@ class FrozenFeatures:
 
 
 def fusion_head_record(ctx: Context, seed: int, track: str, frozen: FrozenFeatures, method: str,
-                       head_folder, upstream_wall_s: float) -> dict:
+                       head_folder, upstream_wall_s: float, upstream_flops: float | None) -> dict:
     """Train one fusion head on the union's cached features and measure it (end to end for inference)."""
     preset = ctx.preset
     config = fusion_config(preset, {n: b.spec.model for n, b in frozen.backbones.items()}, method)
@@ -218,7 +254,10 @@ def fusion_head_record(ctx: Context, seed: int, track: str, frozen: FrozenFeatur
         wall_s=wall, cost=cost, weights=weights_mib(head, *[b.model for b in frozen.backbones.values()]),
         trained_tasks=TASKS,
         produce_peak_mib=peak.mib, upstream_wall_s=upstream_wall_s, curve=curve_by_task(training["curve"]),
+        train_flops=frozen.train_flops + training["train_flops"], upstream_flops=upstream_flops,
+        flops_per_update=training["flops_per_update"], fixed_flops=frozen.train_flops,
         details={"feature_extraction_s": frozen.wall_s, "head_training_s": training["wall_s"],
+                 "feature_extraction_flops": frozen.train_flops, "head_training_flops": training["train_flops"],
                  "updates": training["num_updates"], "fusion": config.fusion,
                  "quantization": preset.quantization, "head_folder": str(head_folder),
                  "experts": {n: b.spec.model for n, b in frozen.backbones.items()}},

@@ -27,11 +27,12 @@ from benchmarks.grokking.baseline import fit_baseline, get_schedule, seed_encodi
 from fusion_llm.budget import trainable_parameters
 from benchmarks.grokking import families
 from benchmarks.grokking.data import load_splits
-from benchmarks.grokking.measure import PeakMemory, evaluate, inference_cost, weights_mib
+from benchmarks.grokking.measure import PeakMemory, counting_flops, evaluate, inference_cost, weights_mib
 from benchmarks.grokking.presets import ComparePreset
 from benchmarks.grokking.stages import (
     Context,
     FrozenFeatures,
+    add_flops,
     curve_by_task,
     fusion_config,
     fusion_head_record,
@@ -62,8 +63,10 @@ def _logits_on(ctx: Context, model):
 
 
 def token_model_record(ctx: Context, model, group: str, *, training: dict | None, wall_s: float,
-                       peak_mib: float, upstream_wall_s: float = 0.0, details: dict | None = None) -> dict:
-    """Score a causal LM on every task, time its inference; ``training`` adds step_val_acc_99 and the curve."""
+                       peak_mib: float, upstream_wall_s: float = 0.0, details: dict | None = None,
+                       upstream_flops: float | None = 0.0, own_flops: float | None = None) -> dict:
+    """Score a causal LM on every task, time its inference; ``training`` adds step_val_acc_99, the curve and the
+    training FLOPs (else ``own_flops``: what producing the model took, such as a merge's holdout search)."""
     per_task = score(ctx, _logits_on(ctx, model))
     if training is not None:
         trained_per_task(per_task, training)
@@ -75,7 +78,9 @@ def token_model_record(ctx: Context, model, group: str, *, training: dict | None
                        total=count_parameters(model), wall_s=wall_s, cost=cost, weights=weights_mib(model),
                        trained_tasks=trained_tasks,
                        produce_peak_mib=peak_mib, upstream_wall_s=upstream_wall_s,
-                       curve=curve_by_task(training["curve"]) if training else {}, details=details)
+                       curve=curve_by_task(training["curve"]) if training else {}, details=details,
+                       train_flops=training["train_flops"] if training else own_flops, upstream_flops=upstream_flops,
+                       flops_per_update=training["flops_per_update"] if training else None)
 
 
 def train_token_model(ctx: Context, seed: int, model, tasks: tuple[str, ...], schedule) -> dict:
@@ -98,7 +103,7 @@ def _model_recipe(preset: ComparePreset) -> dict:
 
 
 def _trained_lm_stage(ctx: Context, seed: int, kind: str, label: str, recipe: dict, tasks, schedule, make_model,
-                      group: str, details: dict | None = None):
+                      group: str, details: dict | None = None, upstream_flops: float | None = 0.0):
     """Train (or load from the cache) a causal LM on ``tasks``; returns (record, folder, key)."""
     folder = ctx.store.folder(kind, recipe)
 
@@ -109,7 +114,8 @@ def _trained_lm_stage(ctx: Context, seed: int, kind: str, label: str, recipe: di
         save_expert(model, grokking_tokenizer(), folder, {"tasks": list(tasks), "recipe": recipe,
                                                           "step_val_acc_99": training["step_val_acc_99"]})
         return token_model_record(ctx, model, group, training=training, wall_s=training["wall_s"], peak_mib=peak.mib,
-                                  details={"tasks": list(tasks), "updates": schedule.num_updates, **(details or {})})
+                                  details={"tasks": list(tasks), "updates": schedule.num_updates, **(details or {})},
+                                  upstream_flops=upstream_flops)
 
     record = ctx.store.stage(kind, recipe, f"seed {seed}: {label}", compute, needs=folder)
     return record, folder, recipe_key(kind, recipe)
@@ -126,12 +132,13 @@ def stage_base(ctx: Context, seed: int):
     return _trained_lm_stage(ctx, seed, "base", "shared base on the union", recipe, TASKS, p.base, make, "control")
 
 
-def stage_expert(ctx: Context, seed: int, task: str, base_folder, base_key: str):
+def stage_expert(ctx: Context, seed: int, task: str, base_folder, base_key: str, base_flops: float | None):
     p = ctx.preset
     recipe = {"seed": seed, "task": task, "schedule": dataclasses.asdict(p.expert), "base": base_key,
               "data": ctx.data_recipe}
     return _trained_lm_stage(ctx, seed, "expert", f"expert {task} (from the base)", recipe, (task,), p.expert,
-                             lambda: load_causal_lm(base_folder).train(), "expert", {"own_task": task})
+                             lambda: load_causal_lm(base_folder).train(), "expert", {"own_task": task},
+                             upstream_flops=base_flops)
 
 
 # ---- merges ------------------------------------------------------------------------------------------
@@ -143,7 +150,7 @@ def expand_grid(grid: dict) -> list[dict]:
 
 
 def stage_merge(ctx: Context, seed: int, method: str, base_folder, base_key: str, experts: dict, expert_keys: dict,
-                upstream_wall_s: float) -> dict:
+                upstream_wall_s: float, upstream_flops: float | None) -> dict:
     """Search the merge settings on the holdout, run the chosen mergekit recipe from disk, measure the result."""
     p = ctx.preset
     grid = p.merge_grid[method]
@@ -166,11 +173,12 @@ def stage_merge(ctx: Context, seed: int, method: str, base_folder, base_key: str
             expert_weights = {task: load_causal_lm(path).state_dict() for task, path in experts.items()}
             work = load_causal_lm(base_folder)
             candidates = []
-            for parameters in expand_grid(grid):
-                merged = merge_in_memory(expert_weights, method, parameters,
-                                         base=base_weights if needs_base else None, seed=seed)
-                work.load_state_dict(merged)
-                candidates.append({"parameters": parameters, **holdout_scores(work)})
+            with counting_flops() as search:  # scoring every candidate on the holdout
+                for parameters in expand_grid(grid):
+                    merged = merge_in_memory(expert_weights, method, parameters,
+                                             base=base_weights if needs_base else None, seed=seed)
+                    work.load_state_dict(merged)
+                    candidates.append({"parameters": parameters, **holdout_scores(work)})
             best = max(candidates, key=lambda c: (c["holdout_acc"], -c["holdout_loss"]))
             mergekit_yaml = merge_recipe({t: str(f) for t, f in experts.items()}, method, best["parameters"],
                                          base=str(base_folder) if needs_base else None)
@@ -181,7 +189,8 @@ def stage_merge(ctx: Context, seed: int, method: str, base_folder, base_key: str
                    "holdout_acc_search": best["holdout_acc"], "final": holdout_scores(merged_model),
                    "candidates": candidates, "mergekit_recipe": mergekit_yaml, "folder": str(folder)}
         return token_model_record(ctx, merged_model, "merge", training=None, wall_s=wall, peak_mib=peak.mib,
-                                  upstream_wall_s=upstream_wall_s, details=details)
+                                  upstream_wall_s=upstream_wall_s, details=details, upstream_flops=upstream_flops,
+                                  own_flops=search.get_total_flops())
 
     label = f"seed {seed}: merge {method} ({len(expand_grid(grid))} settings on the holdout)"
     return ctx.store.stage("merge", recipe, label, compute, needs=folder)
@@ -189,7 +198,8 @@ def stage_merge(ctx: Context, seed: int, method: str, base_folder, base_key: str
 
 # ---- feature fusion ----------------------------------------------------------------------------------
 
-def stage_fusion(ctx: Context, seed: int, track: str, folders: dict, keys: dict, upstream_wall_s: float) -> dict:
+def stage_fusion(ctx: Context, seed: int, track: str, folders: dict, keys: dict, upstream_wall_s: float,
+                 upstream_flops: float | None) -> dict:
     """One record per fusion method; the frozen experts and their features load only if a method is missing."""
     p = ctx.preset
     frozen = None
@@ -204,7 +214,7 @@ def stage_fusion(ctx: Context, seed: int, track: str, folders: dict, keys: dict,
             nonlocal frozen
             if frozen is None:
                 frozen = FrozenFeatures(ctx, folders, keys)
-            return fusion_head_record(ctx, seed, track, frozen, method, head_folder, upstream_wall_s)
+            return fusion_head_record(ctx, seed, track, frozen, method, head_folder, upstream_wall_s, upstream_flops)
 
         records[method] = ctx.store.stage("fusion", recipe, f"seed {seed}: {track} fusion {method}", compute)
     return records
@@ -252,7 +262,7 @@ def stage_baseline(ctx: Context, seed: int) -> dict:
         schedule = dataclasses.replace(schedule, num_updates=p.baseline_updates)
     per_task, curves, seed_protocol = {}, {}, {}
     wall = params = 0
-    timed_ms = timed_n = peak = 0.0
+    timed_ms = timed_n = peak = flops = inference_flops = 0.0
     for task in TASKS:
         recipe = {"seed": seed, "task": task, "schedule": dataclasses.asdict(schedule), "split_seed": p.split_seed,
                   "data": ctx.data_recipe}
@@ -284,22 +294,31 @@ def stage_baseline(ctx: Context, seed: int) -> dict:
                     "seed_protocol": {k: metrics[k] for k in ("final_train_loss", "final_val_loss", "final_train_acc",
                                                               "final_val_acc", "step_val_acc_99")},
                     "num_parameters": metrics["num_parameters"], "wall_s": metrics["wall_time_s"],
-                    "produce_peak_mib": memory.mib}
+                    "produce_peak_mib": memory.mib, "flops_per_update": metrics["flops_per_update"],
+                    "train_flops": metrics["train_flops"]}
 
         result = ctx.store.stage("baseline", recipe, f"seed {seed}: seed baseline {task} ({schedule.num_updates} "
                                  "updates)", compute)
         per_task[task] = {k: result[k] for k in ("val_acc", "val_loss", "train_acc", "train_loss", "step_val_acc_99")}
+        step, per_update = result["step_val_acc_99"], result.get("flops_per_update")
+        per_task[task]["train_flops_to_99"] = None if step is None or per_update is None else per_update * step
+        per_task[task]["train_flops_budget"] = result.get("train_flops")  # this task's own model, all its updates
+        flops = add_flops(flops, result.get("train_flops"))
         curves[task] = result["curve"]
         seed_protocol[task] = result["seed_protocol"]
         wall += result["wall_s"]
         params += result["num_parameters"]
         timed_ms += result["inference_ms_per_1000"] * result["n_timed"] / 1000
+        per_1000 = result.get("inference_flops_per_1000")
+        inference_flops = add_flops(inference_flops, None if per_1000 is None else per_1000 * result["n_timed"] / 1000)
         timed_n += result["n_timed"]
         peak = max(peak, result["produce_peak_mib"])
         memory_info = {k: result[k] for k in ("inference_peak_mib", "memory_method")}
-    cost = {"inference_ms_per_1000": 1000 * timed_ms / max(timed_n, 1), **memory_info}
+    cost = {"inference_ms_per_1000": 1000 * timed_ms / max(timed_n, 1), **memory_info,
+            "inference_flops_per_1000": None if inference_flops is None else 1000 * inference_flops / max(timed_n, 1)}
     return make_record("control", "homogeneous", per_task, trainable=params, total=params, wall_s=wall, cost=cost,
                        weights=params * 4 / 2**20, trained_tasks=TASKS, produce_peak_mib=peak, curve=curves,
+                       train_flops=flops,
                        details={"models": "one per task (the seed's setup)", "updates": schedule.num_updates,
                                 "seed_protocol": seed_protocol,
                                 "loss_note": "cross-entropy over the task's own classes (97 or 120), as the seed"})
@@ -314,14 +333,16 @@ def run_seed(ctx: Context, seed: int) -> dict[str, dict]:
     records["base (union)"] = base
     experts, expert_keys = {}, {}
     for task in TASKS:
-        record, folder, key = stage_expert(ctx, seed, task, base_folder, base_key)
+        record, folder, key = stage_expert(ctx, seed, task, base_folder, base_key, base.get("train_flops"))
         records[f"expert {task}"] = record
         experts[task], expert_keys[task] = str(folder), key
     upstream = base["wall_s"] + sum(records[f"expert {t}"]["wall_s"] for t in TASKS)
+    upstream_flops = add_flops(base.get("train_flops"), *[records[f"expert {t}"].get("train_flops") for t in TASKS])
     for method in MERGE_METHODS:
         records[f"merge {method}"] = stage_merge(ctx, seed, method, base_folder, base_key, experts, expert_keys,
-                                                 upstream)
-    for method, record in stage_fusion(ctx, seed, "homogeneous", experts, expert_keys, upstream).items():
+                                                 upstream, upstream_flops)
+    for method, record in stage_fusion(ctx, seed, "homogeneous", experts, expert_keys, upstream,
+                                       upstream_flops).items():
         records[f"fusion {method}"] = record
     records["scratch (union, head-sized)"] = stage_scratch(ctx, seed, experts)
     records["seed baseline"] = stage_baseline(ctx, seed)

@@ -3,6 +3,7 @@ a validation probe every ``eval_every`` updates, and per task the first update w
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.grokking.measure import counting_flops
 from benchmarks.grokking.presets import UpdateSchedule
 
 
@@ -36,7 +38,9 @@ def fit(
     Returns:
         ``curve`` (one point per evaluation: ``step``, ``train_loss`` / ``train_acc`` averaged over
         the last ``eval_every`` updates, ``val`` = the probe), ``step_val_acc_99`` (task -> first
-        evaluated update with probe accuracy > 0.99, None when never), ``num_updates``, ``wall_s``.
+        evaluated update with probe accuracy > 0.99, None when never), ``num_updates``, ``wall_s``,
+        ``flops_per_update`` (forward and backward of the first update, `counting_flops`) and ``train_flops``
+        (that times the updates).
     """
     parameters = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=schedule.learning_rate_at(0), betas=schedule.betas,
@@ -51,10 +55,13 @@ def fit(
         for group in optimizer.param_groups:
             group["lr"] = schedule.learning_rate_at(update)
         rows = torch.randint(num_train, (schedule.batch_size,), generator=sampler)
-        logits, labels = batch_logits(rows)
-        loss = F.cross_entropy(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with counting_flops() if update == 0 else contextlib.nullcontext() as counter:  # one update's FLOPs
+            logits, labels = batch_logits(rows)
+            loss = F.cross_entropy(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        if update == 0:
+            flops_per_update = counter.get_total_flops()
         optimizer.step()
         loss_sum += loss.item() * len(labels)
         correct += (logits.detach().argmax(-1) == labels).sum().item()
@@ -87,4 +94,6 @@ def fit(
         "step_val_acc_99": {task: first_99.get(task) for task in tasks},
         "num_updates": schedule.num_updates,
         "wall_s": time.perf_counter() - started,
+        "flops_per_update": flops_per_update,
+        "train_flops": flops_per_update * schedule.num_updates,
     }

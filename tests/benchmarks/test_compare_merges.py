@@ -45,7 +45,7 @@ def micro_run(tmp_path_factory):
 def test_micro_writes_results_table_and_plots(micro_run):
     out, results, _ = micro_run
     for name in ("results.json", "results.md", "val_acc_vs_step.png", "accuracy_by_method.png",
-                 "accuracy_vs_inference.png"):
+                 "accuracy_vs_inference.png", "accuracy_vs_training_compute.png"):
         assert (out / name).is_file(), name
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -81,6 +81,50 @@ def test_every_method_reports_the_seed_format(micro_run):
     head = methods["fusion concat"]["trainable_params_mean"]
     assert abs(methods["scratch (union, head-sized)"]["trainable_params_mean"] - head) <= 0.05 * head
     assert methods["fusion concat"]["total_params_mean"] > head
+
+
+@NEEDS_TOKENIZERS
+def test_compute_is_counted_in_full(micro_run):
+    """Every method's training FLOPs include what it is built from: a merge and a fusion head count the base and
+    the four experts; an expert counts the base; the families' fusion counts the four family experts. Compute to
+    0.99 replaces the head's update count in the baseline comparison."""
+    _, results, _ = micro_run
+    methods = results["methods"]
+    base = methods["base (union)"]["train_flops_mean"]
+    experts = [methods[f"expert {t}"]["train_flops_mean"] for t in TASKS]
+    assert base > 0 and all(e > 0 for e in experts)
+    assert all(methods[f"expert {t}"]["upstream_flops_mean"] == pytest.approx(base) for t in TASKS)
+    for name in ("merge ties", "fusion concat"):
+        method = methods[name]
+        assert method["upstream_flops_mean"] == pytest.approx(base + sum(experts))
+        assert method["total_train_flops_mean"] == pytest.approx(method["train_flops_mean"] + base + sum(experts))
+        assert method["train_flops_mean"] > 0 and method["inference_flops_per_1000_mean"] > 0
+    fusion = methods["fusion concat"]
+    assert fusion["train_flops_mean"] > fusion["details"][0]["head_training_flops"] > 0  # + feature extraction
+    families = [methods[f"family expert {f}"]["train_flops_mean"] for f in ("llama3", "mistral", "gemma2", "phi3")]
+    assert methods["families fusion concat"]["upstream_flops_mean"] == pytest.approx(sum(families))
+    for task in TASKS:  # compute to 0.99 (or all of it when never reached) includes the upstream
+        assert fusion["per_task"][task]["train_flops_to_99_mean"] >= fusion["upstream_flops_mean"]
+        assert methods["seed baseline"]["per_task"][task]["train_flops_to_99_mean"] > 0
+    target = results["targets"]["fusion concat"]["compute_to_99_below_baseline_all_tasks"]
+    assert set(target["per_task"]) == set(TASKS)
+    table = (micro_run[0] / "results.md").read_text()
+    assert "| fusion concat |" in table.split("## Total training compute to val acc > 0.99")[1]
+    assert "+ experts FLOPs" in table
+
+
+def test_fit_counts_the_flops_of_its_updates():
+    """A linear layer's update on inputs that need no gradient is 4 x batch x in x out FLOPs (the forward product
+    and the weight's gradient)."""
+    from benchmarks.grokking.presets import UpdateSchedule
+    from benchmarks.grokking.training import fit
+
+    layer = torch.nn.Linear(32, 8, bias=False)
+    x, y = torch.randn(100, 32), torch.randint(8, (100,))
+    out = fit(layer, lambda rows: (layer(x[rows]), y[rows]), 100, UpdateSchedule(5, batch_size=16, warmup_updates=0),
+              seed=0)
+    assert out["flops_per_update"] == 4 * 16 * 32 * 8
+    assert out["train_flops"] == 5 * out["flops_per_update"]
 
 
 @NEEDS_TOKENIZERS
