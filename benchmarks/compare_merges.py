@@ -13,8 +13,8 @@ mergekit, feature fusion of the frozen experts (one head per fusion method), fou
 families fused, and the controls (experts alone, a head-sized model from scratch on the union, the
 seed baseline). The LM tracks live in `benchmarks.lm` (``track.run_lm_track``, ``real.run_real_track``).
 
-Writes ``results/compare_merges/<preset>/results.json``, ``results.md`` and three PNG plots, and
-prints the table. Finished stages are cached under ``<out>/cache/grokking`` by a hash of their recipe,
+Writes ``results/compare_merges/<preset>/results.json``, ``results.md`` and four PNG plots (the last:
+accuracy vs total training compute), and prints the table. Finished stages are cached under ``<out>/cache/grokking`` by a hash of their recipe,
 so an interrupted run resumes where it stopped (``--fresh`` deletes that cache first).
 """
 

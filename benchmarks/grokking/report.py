@@ -380,36 +380,26 @@ def plot(results: dict, out_dir: Path) -> list[str]:
     plt.close(fig)
     written.append("accuracy_by_method.png")
 
-    fig, ax = plt.subplots(figsize=(9, 6))
     markers = {"fusion": "o", "merge": "s", "expert": "^", "control": "D"}
-    for name, m in methods.items():
-        x, y = m["inference_ms_per_1000_mean"], m["final_val_acc_mean"]
-        if x is None:
-            continue
-        ax.scatter(x, y, marker=markers.get(m["group"], "x"), s=40)
-        ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("inference ms per 1000 examples (log)")
-    ax.set_ylabel("mean val acc over the four tasks")
-    ax.set_title(f"accuracy vs inference cost ({results['preset']})")
-    _save(fig, out_dir / "accuracy_vs_inference.png")
-    plt.close(fig)
-    written.append("accuracy_vs_inference.png")
-
-    fig, ax = plt.subplots(figsize=(9, 6))
-    for name, m in methods.items():
-        x, y = m.get("total_train_flops_mean"), m["final_val_acc_mean"]
-        if not x:
-            continue
-        ax.scatter(x, y, marker=markers.get(m["group"], "x"), s=40)
-        ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("total training FLOPs, the base and experts a method is built from included (log)")
-    ax.set_ylabel("mean val acc over the four tasks")
-    ax.set_title(f"accuracy vs total training compute ({results['preset']})")
-    _save(fig, out_dir / "accuracy_vs_training_compute.png")
-    plt.close(fig)
-    written.append("accuracy_vs_training_compute.png")
+    for key, label, title, name in (
+            ("inference_ms_per_1000_mean", "inference ms per 1000 examples (log)", "inference cost",
+             "accuracy_vs_inference.png"),
+            ("total_train_flops_mean", "total training FLOPs, the base and experts a method is built from included "
+             "(log)", "total training compute", "accuracy_vs_training_compute.png")):
+        fig, ax = plt.subplots(figsize=(9, 6))
+        for method, m in methods.items():
+            x, y = m.get(key), m["final_val_acc_mean"]
+            if not x:
+                continue
+            ax.scatter(x, y, marker=markers.get(m["group"], "x"), s=40)
+            ax.annotate(method, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("mean val acc over the four tasks")
+        ax.set_title(f"accuracy vs {title} ({results['preset']})")
+        _save(fig, out_dir / name)
+        plt.close(fig)
+        written.append(name)
     return written
 
 
