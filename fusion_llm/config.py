@@ -334,6 +334,10 @@ class HeadSpec:
             (`fusion_llm.vocab_bridge`), and mix the fused logits log-linearly: ``(1 + a_0) * anchor logits +
             sum_i a_i * log p_i``, with the weights ``a`` predicted per position by a zero-initialised layer
             (so an untrained head is still the anchor exactly). The sources then load with their LM heads.
+        source_top_k: (with ``source_predictions``) source tokens carried per position; the rest of a source's
+            mass is spread like the anchor's distribution. More is closer to the source's whole distribution and
+            costs time linearly (bits/byte of the untrained route on the real pair, 24 validation rows: 1.4198 at
+            256, 1.4161 at 1024, 1.4147 at 4096).
         residual_scale: (lm) units of the residual the head adds to the anchor's last (pre-norm) hidden state:
             ``none`` adds it as is; ``anchor_rms`` multiplies it, per position, by that hidden state's RMS
             (detached), so the head works in the units the anchor's final norm sees. Real models' last hidden
@@ -353,6 +357,7 @@ class HeadSpec:
     source_predictions: bool = False
     residual_scale: str = "none"
     source_lm_loss: bool = False
+    source_top_k: int = 256
 
     def __post_init__(self):
         if self.kind not in HEAD_KINDS:
@@ -370,6 +375,8 @@ class HeadSpec:
             raise ConfigError("head.source_predictions: only an LM head (head.kind: lm) mixes source predictions")
         if self.residual_scale not in RESIDUAL_SCALES:
             raise ConfigError(f"head.residual_scale: {self.residual_scale!r} is not one of {RESIDUAL_SCALES}")
+        if self.source_top_k < 1:
+            raise ConfigError(f"head.source_top_k: must be >= 1, got {self.source_top_k}")
         if self.source_lm_loss and not self.source_predictions:
             raise ConfigError("head.source_lm_loss: needs head.source_predictions: true (the sources' LM heads)")
 

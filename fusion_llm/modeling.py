@@ -327,7 +327,7 @@ class FusionModel(nn.Module):
             index = alignment[name].to(hidden.device)
             valid = (index >= 0).to(device)  # (B, T)
             gathered = hidden.gather(1, index.clamp_min(0).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-            top, ids, entropy = top_log_probs(backbone, gathered.flatten(0, 1), bridge_for(backbone, self.anchor).top_k)
+            top, ids, entropy = top_log_probs(backbone, gathered.flatten(0, 1), self.config.head_spec.source_top_k)
             tops[name] = (top.to(device), ids.to(device), valid.flatten())
             entropies.append(entropy.to(device).view(valid.shape).masked_fill(~valid, 0.0))
             valids.append(valid.float())
@@ -352,7 +352,7 @@ class FusionModel(nn.Module):
         lse = torch.cat([logsumexp(flat[i:i + rows].float()) for i in range(0, flat.shape[0], rows)])
         out = []
         for name, (top, ids, valid) in tops.items():
-            bridge = bridge_for(self._backbones[name], self.anchor)
+            bridge = bridge_for(self._backbones[name], self.anchor, self.config.head_spec.source_top_k)
             keys, values = bridge.sparse_correction(top, ids, flat, lse)
             present = valid[keys // flat.shape[-1]]
             out.append((keys[present], values[present]))

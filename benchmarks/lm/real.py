@@ -466,8 +466,11 @@ def parse_setting(text: str) -> dict:
             out.setdefault(kind, {})[member] = (float if kind == "lr" else int)(value)
         elif key.strip() in ("mixer_lr", "head_lr", "lora_lr"):
             out[key.strip()] = float(value)
+        elif key.strip() == "top_k":
+            out["top_k"] = int(value)
         else:
-            raise ValueError(f"--sweep-fused: {part!r} is not mixer_lr=, head_lr=, lora_lr=, lr.MEMBER= or rank.MEMBER=")
+            raise ValueError(f"--sweep-fused: {part!r} is not mixer_lr=, head_lr=, lora_lr=, top_k=, lr.MEMBER= or "
+                             "rank.MEMBER=")
     return out
 
 
@@ -485,9 +488,10 @@ def sweep_fused(preset: str, out_dir: Path, settings: list[str], *, anchor: str 
     for text in settings:
         setting = parse_setting(text)
         ranks = {**RANKS[anchor], **setting.get("rank", {})}
-        p = dataclasses.replace(base, **{k: v for k, v in setting.items() if k not in ("lr", "rank")},
+        p = dataclasses.replace(base, **{k: v for k, v in setting.items() if k not in ("lr", "rank", "top_k")},
                                 member_lrs=tuple(sorted({**dict(base.member_lrs), **setting.get("lr", {})}.items())))
-        head, count = sized_head(anchor, MEMBERS, p, target, DEEP, ranks)
+        deep = {**DEEP, "head": {**DEEP["head"], "source_top_k": setting["top_k"]}} if "top_k" in setting else DEEP
+        head, count = sized_head(anchor, MEMBERS, p, target, deep, ranks)
         log(f"[sweep-fused] {text or '(preset)'}: member ranks {ranks}, shared_width {head['shared_width']}, "
             f"{count:,} parameters (LoRA r={LORA_RANK}: {target:,})")
         jobs.append((text, (anchor, MEMBERS, p, head, cache), {"ranks": ranks}))
@@ -597,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --sweep: LoRA's rates to try (default 5e-4 2e-3; none: skip)")
     parser.add_argument("--sweep-fused", nargs="+", default=None, metavar="SETTING",
                         help="choose the fused model's recipe on validation rows: settings like '' (the preset), "
-                             "'mixer_lr=3e-2', 'lr.smol=5e-3', 'rank.gemma=3' (the anchor: --sweep-member)")
+                             "'mixer_lr=3e-2', 'lr.smol=5e-3', 'rank.gemma=3', 'top_k=1024' (the anchor: --sweep-member)")
     parser.add_argument("--ablation", action="store_true",
                         help="probe: the head over SmolLM2's own taps only (what the other member adds)")
     parser.add_argument("--route-probe", action="store_true",
