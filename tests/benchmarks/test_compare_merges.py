@@ -272,3 +272,17 @@ def test_quick_experts_use_their_own_recipe_heads_a_cooldown_and_everything_else
         assert optimizer(head)[:4] == optimizer(seed)[:4] and head.cooldown_updates == head.num_updates // 5, part
     assert quick.head_for("families") is quick.family_head and quick.head_for("homogeneous") is quick.head
     assert get_preset("full").head_for("families") is get_preset("full").head  # None: the shared schedule
+
+
+def test_recipe_probe_scores_a_family_expert_on_the_holdout_only(capsys, monkeypatch):
+    """`benchmarks.grokking.recipe_probe` trains a family stand-in and probes the holdout slice, never validation."""
+    from benchmarks.grokking import recipe_probe
+    from benchmarks.grokking.data import SplitData
+
+    real_texts = SplitData.texts
+    read = []
+    monkeypatch.setattr(SplitData, "texts", property(lambda self: read.append(self) or real_texts.fget(self)))
+    assert recipe_probe.main(["mistral", "x_minus_y", "--updates", "2", "--cooldown", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "mistral on x_minus_y, 2 x 256" in out and "holdout acc 2:" in out and "first > 0.99 at None" in out
+    assert len(read) == 2 and {len(s) for s in read} == {19139, 2125}  # train and holdout, not validation
