@@ -47,9 +47,9 @@ from fusion_llm.standins.real_members import REAL_MEMBERS, RealMemberError, is_p
 
 
 def cpu_seconds() -> float:
-    """CPU time of this process (user + system): what the run costs on otherwise idle cores."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    """CPU time (user + system) of this process and its finished worker processes: what the run costs on otherwise
+    idle cores."""
+    return sum(u.ru_utime + u.ru_stime for u in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
 
 
 def quiet_libraries() -> None:
@@ -83,24 +83,27 @@ def schedules(preset) -> str:
     parts = [f"seed baseline {baseline.num_updates} updates x batch {baseline.batch_size} per task"]
     for name in ("base", "expert", "scratch", "head", "family"):
         parts.append(f"{name} {getattr(preset, name).describe()}")
+        if name == "expert":
+            parts += [f"expert {task} {schedule.describe()}" for task, schedule in preset.expert_by_task.items()]
     if preset.family_head is not None:
         parts.append(f"families' heads {preset.family_head.describe()}")
     return "; ".join(parts) + (" (updates x batch; AdamW lr 1e-3, betas (0.9, 0.98), wd 0.5, warmup 50, constant "
                                "rate — the seed's — unless a part says otherwise)")
 
 
-def run_grokking(preset, out_dir: Path, use_cache: bool, threads: int) -> dict:
+def run_grokking(preset, out_dir: Path, use_cache: bool, threads: int, workers: int = 1) -> dict:
     from benchmarks.grokking.track import run_grokking_track
     from benchmarks.grokking.report import aggregate, check_targets, render_table, write_results
 
     started, cpu_started = time.perf_counter(), cpu_seconds()
     info = machine(threads)
-    track = run_grokking_track(preset, out_dir / "cache" / "grokking", use_cache=use_cache)
+    track = run_grokking_track(preset, out_dir / "cache" / "grokking", use_cache=use_cache, workers=workers)
     methods = aggregate(track["seeds"])
     refusal = methods.get("families merge (mergekit)", {}).get("details", {})
     results = {
         "preset": preset.name, "track": "grokking", "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": {**info, "load_average_end": os.getloadavg()}, "wall_s": time.perf_counter() - started,
+        "machine": {**info, "load_average_end": os.getloadavg()}, "workers": workers,
+        "wall_s": time.perf_counter() - started,
         "cpu_s": cpu_seconds() - cpu_started, "config": preset.to_dict(), "schedules": schedules(preset),
         "family_tasks": FAMILY_TASKS,
         "split_sizes": track["split_sizes"], "cache": {"hits": track["cache_hits"], "misses": track["cache_misses"]},
@@ -113,7 +116,9 @@ def run_grokking(preset, out_dir: Path, use_cache: bool, threads: int) -> dict:
             "(see `+ experts s` in the cost table); a step is only 'reached' when val acc > 0.99 on every seed.",
             "Normalized accuracy divides by the own expert's val acc; where that expert is near chance "
             "(about 0.01) the ratio is noise, not a result.",
-            f"The homogeneous experts train with their own recipe ({preset.expert.describe()}), chosen on the "
+            f"The homogeneous experts train with their own recipe ({preset.expert.describe()}"
+            + "".join(f"; {task}: {sch.describe()}" for task, sch in preset.expert_by_task.items())
+            + "), chosen on the "
             "holdout slice of train: with the seed's optimizer only x_plus_y generalised within a CPU-sized schedule. "
             f"The fusion heads add a linear cooldown to the seed's optimizer ({preset.head.describe()}), also chosen "
             "on the holdout. Every other trained part (base, from-scratch control, family experts, the seed "
@@ -148,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: on 2 shared cores, 2 threads can run 10-40x slower)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the preset's seeds")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="grokking track: processes for its independent stages (experts, family experts, seed "
+                        "baseline); default 2, or 1 when the LM track runs alongside")
     parser.add_argument("--serial", action="store_true",
                         help="with --track all: run the LM track after the grokking track instead of alongside it "
                         "in a second process (each track uses one core)")
@@ -165,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.track in ("grokking", "all"):
         if args.fresh and (out_dir / "cache" / "grokking").is_dir():
             shutil.rmtree(out_dir / "cache" / "grokking")  # this track's models, merges, heads and features
-        run_grokking(preset, out_dir, use_cache=True, threads=args.threads)
+        workers = args.workers or (1 if lm_process is not None else 2)
+        run_grokking(preset, out_dir, use_cache=True, threads=args.threads, workers=workers)
     if lm_process is not None:
         code = finish_lm_process(lm_process, out_dir)
         if code:

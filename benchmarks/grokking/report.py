@@ -214,7 +214,8 @@ def render_table(results: dict) -> str:
     methods, n = results["methods"], len(results["config"]["seeds"])
     lines = [f"# compare_merges — grokking track, preset `{results['preset']}`", "",
              f"{results['date']} · {results['machine']['description']} · {n} seed(s) · wall {results['wall_s']:.0f} s"
-             f" (CPU {results.get('cpu_s', 0):.0f} s) · torch threads {results['machine']['torch_threads']}"
+             f" (CPU {results.get('cpu_s', 0):.0f} s) · {results.get('workers', 1)} worker process(es)"
+             f" · torch threads {results['machine']['torch_threads']}"
              " · load average "
              f"{_load(results['machine'])}", ""]
     lines += [f"Schedules: {results['schedules']}", ""]

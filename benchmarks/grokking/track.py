@@ -12,6 +12,10 @@ Per seed, in order (each stage cached by its recipe, see `store`):
 5. **controls**: a from-scratch `LlamaForCausalLM` on the union with as many parameters as the
    concat fusion head; the seed's grokking transformer per task;
 6. the **families** track (`families`): four stand-ins of four families, fused; mergekit's refusal.
+
+With ``workers > 1`` the stages that depend only on the base (the experts), or on nothing (the family experts, the
+seed baseline), are trained first in that many processes (`prefetch`); the run then reads them from the cache.
+Every stage still measures its own time, FLOPs and memory in the process that trained it.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from fusion_llm.budget import trainable_parameters
 from benchmarks.grokking import families
 from benchmarks.grokking.data import load_splits
 from benchmarks.grokking.measure import PeakMemory, counting_flops, evaluate, inference_cost, weights_mib
-from benchmarks.grokking.presets import ComparePreset
+from benchmarks.grokking.presets import FAMILY_TASKS, ComparePreset
 from benchmarks.grokking.stages import (
     Context,
     FrozenFeatures,
@@ -134,9 +138,9 @@ def stage_base(ctx: Context, seed: int):
 
 def stage_expert(ctx: Context, seed: int, task: str, base_folder, base_key: str, base_flops: float | None):
     p = ctx.preset
-    recipe = {"seed": seed, "task": task, "schedule": dataclasses.asdict(p.expert), "base": base_key,
+    recipe = {"seed": seed, "task": task, "schedule": dataclasses.asdict(p.expert_for(task)), "base": base_key,
               "data": ctx.data_recipe}
-    return _trained_lm_stage(ctx, seed, "expert", f"expert {task} (from the base)", recipe, (task,), p.expert,
+    return _trained_lm_stage(ctx, seed, "expert", f"expert {task} (from the base)", recipe, (task,), p.expert_for(task),
                              lambda: load_causal_lm(base_folder).train(), "expert", {"own_task": task},
                              upstream_flops=base_flops)
 
@@ -350,20 +354,54 @@ def run_seed(ctx: Context, seed: int) -> dict[str, dict]:
     return records
 
 
-def run_grokking_track(preset: ComparePreset, cache_root, *, use_cache: bool = True, log=print) -> dict:
-    """Run every seed of the track; returns ``{"seeds": {seed: {method: record}}, "wall_s", ...}``."""
-    start = time.perf_counter()
-    store = Store(cache_root, enabled=use_cache, log=log)
+def _context(preset: ComparePreset, cache_root, use_cache: bool, log) -> Context:
     splits = load_splits(preset.split_seed, preset.holdout_fraction, preset.max_examples_per_task)
-    tokenizer = grokking_tokenizer()
+    return Context(preset, splits, Store(cache_root, enabled=use_cache, log=log), log)
+
+
+def _prefetch_job(preset: ComparePreset, cache_root, seed: int, kind: str, name: str, threads: int) -> None:
+    """One independent stage, in a worker process: it lands in the cache, where `run_seed` finds it."""
+    torch.set_num_threads(threads)
+    ctx = _context(preset, cache_root, True, print)
+    if kind == "expert":
+        base, base_folder, base_key = stage_base(ctx, seed)  # trained already: a cache hit
+        stage_expert(ctx, seed, name, base_folder, base_key, base.get("train_flops"))
+    elif kind == "family":
+        families.stage_family_expert(ctx, seed, name, FAMILY_TASKS[name])
+    else:
+        stage_baseline(ctx, seed)
+
+
+def prefetch(ctx: Context, cache_root, seed: int, workers: int) -> None:
+    """Train the base here, then the experts, the family experts and the seed baseline in ``workers`` processes
+    (spawned, one torch thread each unless this process has more), the longest jobs first."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    stage_base(ctx, seed)
+    jobs = [("expert", t) for t in TASKS] + [("baseline", "")] + [("family", f) for f in FAMILY_TASKS]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for future in [pool.submit(_prefetch_job, ctx.preset, cache_root, seed, kind, name, torch.get_num_threads())
+                       for kind, name in jobs]:
+            future.result()
+
+
+def run_grokking_track(preset: ComparePreset, cache_root, *, use_cache: bool = True, log=print,
+                       workers: int = 1) -> dict:
+    """Run every seed of the track; returns ``{"seeds": {seed: {method: record}}, "wall_s", ...}``.
+    ``workers > 1`` (with the cache on): the independent stages train in that many processes first (`prefetch`)."""
+    start = time.perf_counter()
+    ctx = _context(preset, cache_root, use_cache, log)
+    store, splits = ctx.store, ctx.splits
     sample = splits["validation"]
-    if tokenizer(sample.texts[:8])["input_ids"] != sample.input_ids[:8].tolist():
+    if grokking_tokenizer()(sample.texts[:8])["input_ids"] != sample.input_ids[:8].tolist():
         raise RuntimeError("the grokking tokenizer does not reproduce the dataset's input_ids")
-    ctx = Context(preset, splits, store, log)
     log("data: " + ", ".join(f"{name} {len(split)}" for name, split in splits.items())
         + f" rows (split seed {preset.split_seed}, holdout {preset.holdout_fraction} of train)")
     seeds = {}
     for seed in preset.seeds:
+        if workers > 1 and use_cache:
+            prefetch(ctx, cache_root, seed, workers)
         seeds[seed] = run_seed(ctx, seed)
     return {"seeds": seeds, "wall_s": time.perf_counter() - start, "cache_hits": store.hits,
             "cache_misses": store.misses, "split_sizes": {n: len(s) for n, s in splits.items()}}

@@ -144,7 +144,11 @@ def test_merge_choices_and_refusal_are_recorded(micro_run):
 @NEEDS_TOKENIZERS
 def test_second_run_resumes_from_the_cache(micro_run):
     _, first, second = micro_run
-    assert second["cache"]["misses"] == 0 and second["cache"]["hits"] == first["cache"]["misses"]
+    # The first run trained the experts, family experts and seed baseline in two worker processes; this process
+    # then read them from the cache (hits), and the base twice (a miss, then a hit).
+    assert first["workers"] == 2 and first["cache"]["hits"] == 1 + len(TASKS) + 4 + len(TASKS)
+    assert second["cache"]["misses"] == 0
+    assert second["cache"]["hits"] == first["cache"]["hits"] + first["cache"]["misses"]
     gated = [run["methods"]["fusion gated"]["final_val_acc_mean"] for run in (first, second)]
     assert gated[0] == gated[1]
 
@@ -286,3 +290,21 @@ def test_recipe_probe_scores_a_family_expert_on_the_holdout_only(capsys, monkeyp
     out = capsys.readouterr().out
     assert "mistral on x_minus_y, 2 x 256" in out and "holdout acc 2:" in out and "first > 0.99 at None" in out
     assert len(read) == 2 and {len(s) for s in read} == {19139, 2125}  # train and holdout, not validation
+
+
+@NEEDS_TOKENIZERS
+def test_one_process_gives_the_same_results_as_two_workers(micro_run, tmp_path):
+    """`--workers 1` trains every stage in this process; the records equal those of the two-worker run."""
+    _, two, _ = micro_run
+    cli = _load_cli()
+    threads = torch.get_num_threads()
+    try:
+        assert cli.main(["--preset", "micro", "--track", "grokking", "--workers", "1", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    one = json.loads((tmp_path / "results.json").read_text())
+    assert one["workers"] == 1 and one["cache"]["hits"] == 0
+    for name, method in two["methods"].items():
+        for task, entry in method.get("per_task", {}).items():
+            for key in ("final_val_acc_mean", "final_val_loss_mean", "step_val_acc_99_mean"):
+                assert one["methods"][name]["per_task"][task][key] == entry[key], (name, task, key)
