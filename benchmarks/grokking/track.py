@@ -379,7 +379,9 @@ def prefetch(ctx: Context, cache_root, seed: int, workers: int) -> None:
     from concurrent.futures import ProcessPoolExecutor
 
     stage_base(ctx, seed)
-    jobs = [("expert", t) for t in TASKS] + [("baseline", "")] + [("family", f) for f in FAMILY_TASKS]
+    size = {t: ctx.preset.expert_for(t).num_updates * ctx.preset.expert_for(t).batch_size for t in TASKS}
+    jobs = ([("expert", t) for t in sorted(TASKS, key=lambda t: -size[t])] + [("baseline", "")]
+            + [("family", f) for f in FAMILY_TASKS])
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         for future in [pool.submit(_prefetch_job, ctx.preset, cache_root, seed, kind, name, torch.get_num_threads())
                        for kind, name in jobs]:
