@@ -1,7 +1,7 @@
 """Feature fusion vs mergekit merges (linear, TIES, DARE, task arithmetic) vs the seed's grokking transformer.
 
     python benchmarks/compare_merges.py                      # quick preset, both tracks (one core each)
-    python benchmarks/compare_merges.py --track grokking     # the grokking track alone
+    python benchmarks/compare_merges.py --track grokking     # the grokking track alone (two worker processes)
     python benchmarks/compare_merges.py --track real         # real SmolLM2-135M + Gemma-3-270M (fetched once)
     python benchmarks/compare_merges.py --preset medium --track grokking   # 1 seed, longer; ~35 min
     python benchmarks/compare_merges.py --preset full        # 3 seeds, the seed's budget; hours, resumable
