@@ -14,8 +14,9 @@ families fused, and the controls (experts alone, a head-sized model from scratch
 seed baseline). The LM tracks live in `benchmarks.lm` (``track.run_lm_track``, ``real.run_real_track``).
 
 Writes ``results/compare_merges/<preset>/results.json``, ``results.md`` and four PNG plots (the last:
-accuracy vs total training compute), and prints the table. Finished stages are cached under ``<out>/cache/grokking`` by a hash of their recipe,
-so an interrupted run resumes where it stopped (``--fresh`` deletes that cache first).
+accuracy vs total training compute), and prints the table. Finished stages are cached under
+``<out>/cache/grokking`` by a hash of their recipe, so an interrupted run resumes where it stopped (``--fresh``
+deletes that cache first).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ from fusion_llm.standins.real_members import REAL_MEMBERS, RealMemberError, is_p
 def cpu_seconds() -> float:
     """CPU time (user + system) of this process and its finished worker processes: what the run costs on otherwise
     idle cores."""
-    return sum(u.ru_utime + u.ru_stime for u in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
+    usages = map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return sum(u.ru_utime + u.ru_stime for u in usages)
 
 
 def quiet_libraries() -> None:

@@ -352,7 +352,7 @@ class FusionModel(nn.Module):
         lse = torch.cat([logsumexp(flat[i:i + rows].float()) for i in range(0, flat.shape[0], rows)])
         out = []
         for name, (top, ids, valid) in tops.items():
-            bridge = bridge_for(self._backbones[name], self.anchor, self.config.head_spec.source_top_k)
+            bridge = bridge_for(self._backbones[name], self.anchor)
             keys, values = bridge.sparse_correction(top, ids, flat, lse)
             present = valid[keys // flat.shape[-1]]
             out.append((keys[present], values[present]))

@@ -257,12 +257,12 @@ def top_log_probs(backbone, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor,
 _BRIDGES: dict[tuple, VocabBridge] = {}
 
 
-def bridge_for(source, anchor, top_k: int = 256) -> VocabBridge:
-    """The `VocabBridge` of two `FrozenBackbone` objects keeping ``top_k`` source tokens, built once per process
-    (a few seconds)."""
+def bridge_for(source, anchor) -> VocabBridge:
+    """The `VocabBridge` of two `FrozenBackbone` objects, built once per process (a few seconds). Its tables do not
+    depend on how many source tokens a caller carries (`sparse_correction` takes a top-k of any k)."""
     key = (source.fingerprint.get("tokenizer"), anchor.fingerprint.get("tokenizer"), id(source.tokenizer),
-           id(anchor.tokenizer), top_k)
+           id(anchor.tokenizer))
     if key not in _BRIDGES:
         _BRIDGES[key] = VocabBridge(source.tokenizer, anchor.tokenizer, source.lm_head.weight.shape[0],
-                                    anchor.lm_head.weight.shape[0], top_k=top_k)
+                                    anchor.lm_head.weight.shape[0])
     return _BRIDGES[key]

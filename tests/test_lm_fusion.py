@@ -300,12 +300,11 @@ def test_rms_scaled_residual_moves_the_logits_alike_at_any_hidden_scale(lm_model
 
 def test_source_top_k_sets_how_many_source_tokens_are_carried(lm_model):
     """``head.source_top_k``: each source's top-k at every aligned position has that many tokens, and the bridge
-    that carries them onto the anchor's vocabulary keeps as many (its index tables are built per k)."""
-    from fusion_llm.vocab_bridge import bridge_for
-
+    carries all of them onto the anchor's vocabulary (more than the bridge's own default of 256 included)."""
     torch.manual_seed(0)
     source_last = {n: torch.randn(2, 6, lm_model.backbones[n].spec.hidden_size) for n in SOURCES}
     alignment = {n: torch.tensor([[-1, 0, 1, 3, 4, 5], [0, 0, 2, 2, 5, 5]]) for n in SOURCES}
+    carried = {}
     for k in (8, 300):
         config = FusionConfig(backbones=lm_model.config.backbones, shared_width=64, fusion={"method": "attention"},
                               head={"kind": "lm", "source_predictions": True, "source_top_k": k})
@@ -313,4 +312,9 @@ def test_source_top_k_sets_how_many_source_tokens_are_carried(lm_model):
         tops, _ = fused.source_predictions(source_last, alignment)
         for name, (top, ids, valid) in tops.items():
             assert top.shape == ids.shape == (12, k) and valid.tolist() == [False] + [True] * 11
-            assert bridge_for(lm_model.backbones[name], fused.anchor, k).top_k == k
+        logits = torch.randn(2, 6, fused.anchor.lm_head.weight.shape[0])
+        corrections = fused.source_corrections(tops, logits)
+        for keys, values in corrections:  # every position that has a source token gets a correction, none other
+            assert set((keys // logits.shape[-1]).tolist()) == set(range(1, 12)) and bool((values > 0).all())
+        carried[k] = [len(keys) for keys, _ in corrections]
+    assert all(many > few for few, many in zip(carried[8], carried[300]))  # more tokens carried, more entries

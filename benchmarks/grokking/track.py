@@ -359,10 +359,17 @@ def _context(preset: ComparePreset, cache_root, use_cache: bool, log) -> Context
     return Context(preset, splits, Store(cache_root, enabled=use_cache, log=log), log)
 
 
-def _prefetch_job(preset: ComparePreset, cache_root, seed: int, kind: str, name: str, threads: int) -> None:
-    """One independent stage, in a worker process: it lands in the cache, where `run_seed` finds it."""
+_WORKER: dict = {}  # a prefetch worker's Context, built once per process
+
+
+def _start_worker(preset: ComparePreset, cache_root, threads: int) -> None:
     torch.set_num_threads(threads)
-    ctx = _context(preset, cache_root, True, print)
+    _WORKER["ctx"] = _context(preset, cache_root, True, print)
+
+
+def _prefetch_job(seed: int, kind: str, name: str) -> None:
+    """One independent stage, in a worker process: it lands in the cache, where `run_seed` finds it."""
+    ctx = _WORKER["ctx"]
     if kind == "expert":
         base, base_folder, base_key = stage_base(ctx, seed)  # trained already: a cache hit
         stage_expert(ctx, seed, name, base_folder, base_key, base.get("train_flops"))
@@ -382,9 +389,9 @@ def prefetch(ctx: Context, cache_root, seed: int, workers: int) -> None:
     size = {t: ctx.preset.expert_for(t).num_updates * ctx.preset.expert_for(t).batch_size for t in TASKS}
     jobs = ([("expert", t) for t in sorted(TASKS, key=lambda t: -size[t])] + [("baseline", "")]
             + [("family", f) for f in FAMILY_TASKS])
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for future in [pool.submit(_prefetch_job, ctx.preset, cache_root, seed, kind, name, torch.get_num_threads())
-                       for kind, name in jobs]:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                             initargs=(ctx.preset, cache_root, torch.get_num_threads())) as pool:
+        for future in [pool.submit(_prefetch_job, seed, kind, name) for kind, name in jobs]:
             future.result()
 
 
