@@ -272,6 +272,30 @@ class FrozenBackbone:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits
 
+    def lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor, mix: torch.Tensor | None = None,
+                corrections=None) -> torch.Tensor:
+        """Mean next-token cross-entropy of ``labels`` under `lm_logits` (or their log-linear mix with the sources'
+        predictions, `fusion_llm.heads.mixed_logits`), computed a few rows at a time without the (N, V) logits
+        (`fusion_llm.output_loss`); the same value and gradients as the loss on the full logits.
+
+        Args:
+            hidden: (N, H) pre-norm hidden states; labels: (N,) ids, -100 where ignored.
+            mix, corrections: see `fusion_llm.output_loss.output_loss`.
+        """
+        from fusion_llm.output_loss import output_loss
+
+        head = self.lm_head
+        if type(head) is not torch.nn.Linear:  # a quantized or wrapped output layer: the plain path
+            from fusion_llm.heads import mixed_logits
+
+            logits = self.lm_logits(hidden)
+            if mix is not None:
+                logits = mixed_logits(logits.unsqueeze(0), mix.unsqueeze(0),
+                                      corrections(0, hidden.shape[0], logits.detach()) if corrections else [])[0]
+            return torch.nn.functional.cross_entropy(logits.float(), labels, ignore_index=-100)
+        return output_loss(self.final_norm(hidden), head.weight, labels, bias=head.bias, softcap=self.logit_softcap,
+                           mix=mix, corrections=corrections)
+
 
 def loaded_depth(spec: BackboneSpec, with_lm_head: bool) -> int:
     """How many decoder layers `load_backbone` keeps: full depth with the LM head, else up to the deepest tap."""

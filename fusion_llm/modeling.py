@@ -38,8 +38,7 @@ def own_token_loss(backbone: FrozenBackbone, last: torch.Tensor, src: dict[str, 
         settled = settled & (src["tail_group"].to(last.device) == -1)
     n = int(settled.sum(1).max())
     labels = ids[:, 1:n].masked_fill(~(settled[:, 1:n] & settled[:, :n - 1]), -100)
-    logits = backbone.lm_logits(last[:, :n - 1])
-    return nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+    return backbone.lm_loss(last[:, :n - 1].flatten(0, 1), labels.flatten())
 
 
 def check_head_weights(path: Path) -> None:
@@ -247,7 +246,7 @@ class FusionModel(nn.Module):
 
     # ---- language modelling --------------------------------------------------------------------------
     def lm_forward(self, inputs: dict[str, dict[str, torch.Tensor]], alignment: dict[str, torch.Tensor],
-                   labels: torch.Tensor | None = None) -> FusionOutput:
+                   labels: torch.Tensor | None = None, return_logits: bool = True) -> FusionOutput:
         """Next-token logits in the anchor's vocabulary from every backbone's features at each position.
 
         Args:
@@ -256,6 +255,9 @@ class FusionModel(nn.Module):
             alignment: source name -> (B, T) index of the last settled source token per anchor token (-1: none).
             labels: (B, T) anchor token ids to predict, -100 where ignored; by default the anchor's
                 input ids shifted by one, padding ignored.
+            return_logits: ``False`` (training) computes the loss a few positions at a time without holding the
+                (B, T, vocab) logits (`FrozenBackbone.lm_loss`: the same loss and gradients, several times less
+                time around a 262k-token output layer on CPU); ``logits`` is then None.
 
         Returns:
             ``FusionOutput(loss, logits)`` with logits (B, T, vocab). An untrained head returns the anchor's
@@ -294,15 +296,25 @@ class FusionModel(nn.Module):
                         alignment={n: a.to(device) for n, a in alignment.items() if n in features})
         residual = out.logits  # (B, T, anchor hidden), zero at initialisation
         hidden = add_residual(anchor_last.to(device), residual, self.config.head)
-        logits = anchor.lm_logits(hidden)
-        if predictions:
-            logits = mixed_logits(logits, out.mix, self.source_corrections(tops, logits.detach()))
         if labels is None:
-            ids = enc["input_ids"].to(logits.device)
-            labels = ids.masked_fill(enc["attention_mask"].to(logits.device) == 0, -100)
+            ids = enc["input_ids"].to(hidden.device)
+            labels = ids.masked_fill(enc["attention_mask"].to(hidden.device) == 0, -100)
             labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
-        loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.to(logits.device).flatten(),
-                                           ignore_index=-100)
+        if not return_logits:
+            def corrections(start, end, z):  # the sources' corrections on rows start:end of the flattened (B*T)
+                return self.source_corrections({n: tuple(x[start:end] for x in v) for n, v in tops.items()},
+                                               z.unsqueeze(0))
+
+            loss = anchor.lm_loss(hidden.flatten(0, 1), labels.to(hidden.device).flatten(),
+                                  mix=out.mix.flatten(0, 1) if predictions else None,
+                                  corrections=corrections if predictions else None)
+            logits = None
+        else:
+            logits = anchor.lm_logits(hidden)
+            if predictions:
+                logits = mixed_logits(logits, out.mix, self.source_corrections(tops, logits.detach()))
+            loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.to(logits.device).flatten(),
+                                               ignore_index=-100)
         member_loss = torch.stack([m.to(loss.device) for m in member_losses]).sum() if member_losses else None
         return FusionOutput(loss=loss, logits=logits, member_loss=member_loss)
 

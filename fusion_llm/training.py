@@ -135,9 +135,9 @@ def _param_groups(head, tcfg) -> list[dict]:
     return [{"params": [p for p in head.parameters() if id(p) not in taken]}] + groups
 
 
-def _step_batch(model: FusionModel, batch: dict):
-    if "alignment" in batch:
-        return model.lm_forward(batch["inputs"], batch["alignment"], batch["labels"])
+def _step_batch(model: FusionModel, batch: dict, logits: bool = True):
+    if "alignment" in batch:  # training needs only the loss: computed without the (B, T, vocab) logits
+        return model.lm_forward(batch["inputs"], batch["alignment"], batch["labels"], return_logits=logits)
     if "features" in batch:
         return model(features=batch["features"], labels=batch["labels"])
     return model(inputs=batch["inputs"], labels=batch["labels"])
@@ -302,7 +302,7 @@ def train(run: RunConfig, *, resume: bool = False, cache_features: bool | None =
             loader = accelerator.skip_first_batches(loader, offset)
         for batch in loader:
             with accelerator.accumulate(head):
-                out = _step_batch(model, batch)
+                out = _step_batch(model, batch, logits=False)
                 loss = out.loss if out.member_loss is None else out.loss + out.member_loss
                 every = accelerator.gather(loss.detach().float().reshape(1))  # one rank's NaN stops them all alike
                 if not torch.isfinite(every).all():

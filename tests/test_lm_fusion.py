@@ -318,3 +318,24 @@ def test_source_top_k_sets_how_many_source_tokens_are_carried(lm_model):
             assert set((keys // logits.shape[-1]).tolist()) == set(range(1, 12)) and bool((values > 0).all())
         carried[k] = [len(keys) for keys, _ in corrections]
     assert all(many > few for few, many in zip(carried[8], carried[300]))  # more tokens carried, more entries
+
+
+@pytest.mark.parametrize("predictions", [False, True], ids=["hidden_states", "source_predictions"])
+def test_training_loss_without_logits_equals_the_loss_on_the_logits(lm_model, predictions):
+    """`lm_forward(return_logits=False)` (what training calls) gives the same loss and head gradients."""
+    model = with_predictions(lm_model, scale=0.05) if predictions else lm_model
+    texts = ["The quick brown fox jumps over the lazy dog.", "def add(a, b):\n    return a + b\n"]
+    _, (inputs, alignment) = encode(model, texts)
+    grads = []
+    for return_logits in (True, False):
+        model.head.zero_grad()
+        out = model.lm_forward(inputs, alignment, return_logits=return_logits)
+        out.loss.backward()
+        assert (out.logits is None) != return_logits
+        grads.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.head.named_parameters()
+                                          if p.grad is not None}))
+    torch.testing.assert_close(grads[1][0], grads[0][0])
+    assert grads[0][1].keys() == grads[1][1].keys() and grads[0][1]
+    for name, grad in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][name], grad, rtol=1e-4, atol=1e-7, msg=name)
+    model.head.zero_grad()

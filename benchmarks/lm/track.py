@@ -333,6 +333,7 @@ def train_lora(preset: LMPreset, anchor_dir: Path, target_params: int, cache: Pa
     from fusion_llm.backbones import quantization_config
     from fusion_llm.data.corpora import load_corpus
     from fusion_llm.data.pipeline import pad_right
+    from fusion_llm.output_loss import causal_lm_loss
 
     spec = backbone_spec(name, anchor_dir, preset, anchor=True)
     model = AutoModelForCausalLM.from_pretrained(str(anchor_dir), dtype=torch.float32,
@@ -363,7 +364,7 @@ def train_lora(preset: LMPreset, anchor_dir: Path, target_params: int, cache: Pa
         for start in range(0, len(order) - preset.head_batch + 1, preset.head_batch):
             ids, mask = pad_right([seqs[i] for i in order[start:start + preset.head_batch]], pad)
             labels = ids.masked_fill(mask == 0, -100)  # transformers shifts the labels itself
-            loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss = causal_lm_loss(peft_model.get_base_model(), ids, mask, labels)  # = its .loss, chunked
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for p in peft_model.parameters() if p.requires_grad], 1.0)
             optimizer.step()

@@ -1,0 +1,128 @@
+"""The next-token loss through a frozen output layer, a few rows at a time, never holding the (N, V) logits.
+
+Training an LM head over a 262k-token vocabulary (Gemma) spends most of a CPU step on the (N, V) tensors around
+the output layer, not on the backbones: the logits, their mix with the sources' predictions, the log-softmax, its
+gradient and the copies between them are each ~0.5 GB at 512 tokens, and every fresh one costs page faults and
+memory traffic. `output_loss` computes the same loss and gradients one chunk of rows at a time (a chunk fits in
+cache) and computes the gradients in the forward pass, as Liger-Kernel's fused linear cross-entropy does on GPUs:
+the output layer is frozen, so the only gradients are with respect to its input and the mixing weights.
+
+With ``mix`` and ``corrections`` (``head.source_predictions``) the logits are ``heads.mixed_logits``:
+``(1 + sum(mix)) * z + sum_i mix_i * correction_i``, ``z`` the output layer's logits.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from fusion_llm.vocab_bridge import logsumexp
+
+# corrections(row_start, row_end, z) -> per source (keys, values): keys index the chunk's flattened (rows, V) logits
+Corrections = Callable[[int, int, torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]
+
+
+def _logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None) -> torch.Tensor:
+    z = F.linear(x.to(weight.dtype), weight, bias).float()
+    if softcap:
+        z = torch.tanh(z / softcap) * softcap
+    return z
+
+
+def _mixed(z: torch.Tensor, mix: torch.Tensor | None, corrections: list) -> tuple[torch.Tensor, list]:
+    """``heads.mixed_logits`` on (R, V) rows, as a new tensor; also each correction's per-row sum weight needs."""
+    if mix is None:
+        return z.clone(), []
+    out = z * (1 + mix.sum(-1, keepdim=True))
+    flat, size = out.view(-1), out.shape[-1]
+    for i, (keys, values) in enumerate(corrections):
+        flat.index_add_(0, keys, mix[keys // size, 1 + i] * values)
+    return out, corrections
+
+
+class _OutputLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, normed, mix, weight, bias, softcap, labels, corrections, chunk):
+        n_rows, size = normed.shape[0], weight.shape[0]
+        valid = labels >= 0
+        count = valid.sum().clamp_min(1).float()
+        total = torch.zeros((), dtype=torch.float32, device=normed.device)
+        grad_x = torch.zeros_like(normed, dtype=torch.float32)
+        grad_mix = None if mix is None else torch.zeros_like(mix, dtype=torch.float32)
+        for a in range(0, n_rows, chunk):
+            b = min(a + chunk, n_rows)
+            keep = valid[a:b]
+            if not keep.any():
+                continue
+            z = _logits(normed[a:b], weight, bias, softcap)  # (R, V)
+            m = None if mix is None else mix[a:b].float()
+            corr = corrections(a, b, z) if corrections is not None and m is not None else []
+            logits, corr = _mixed(z, m, corr)
+            y = labels[a:b].clamp_min(0).unsqueeze(1)
+            lse = logsumexp(logits)
+            total += ((lse - logits.gather(1, y).squeeze(1)) * keep).sum()
+            # d loss / d logits = (softmax - onehot) / count on the rows that count (the clamp: see logsumexp)
+            g = logits.sub_(lse.unsqueeze(1)).clamp_min_(-80.0).exp_()
+            g.scatter_add_(1, y, torch.full_like(y, -1.0, dtype=g.dtype))
+            g.mul_((keep.float() / count).unsqueeze(1))
+            if m is not None:
+                gz = (g * z).sum(-1)  # d loss / d mix_j through the (1 + sum(mix)) scale, for every j
+                grad_mix[a:b] = gz.unsqueeze(1).expand(-1, m.shape[1])
+                flat = g.view(-1)
+                for i, (keys, values) in enumerate(corr):
+                    grad_mix[a:b, 1 + i] += torch.zeros(b - a, device=g.device).index_add_(
+                        0, keys // size, flat[keys] * values)
+                g.mul_(1 + m.sum(-1, keepdim=True))
+            if softcap:
+                g.mul_(1 - (z / softcap).pow_(2))
+            grad_x[a:b] = (g.to(weight.dtype) @ weight).float()
+        ctx.save_for_backward(grad_x, grad_mix if grad_mix is not None else torch.empty(0))
+        ctx.has_mix, ctx.x_dtype = mix is not None, normed.dtype
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x, grad_mix = ctx.saved_tensors
+        gx = (grad_x * grad_out).to(ctx.x_dtype)
+        gm = grad_mix * grad_out if ctx.has_mix else None
+        return gx, gm, None, None, None, None, None, None
+
+
+def output_loss(normed: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                bias: torch.Tensor | None = None, softcap: float | None = None, mix: torch.Tensor | None = None,
+                corrections: Corrections | None = None, chunk: int = 32) -> torch.Tensor:
+    """Mean cross-entropy of ``labels`` under ``softmax(mixed(weight @ normed))``, chunk by chunk.
+
+    Args:
+        normed: (N, H) the output layer's input (after the final norm), with grad.
+        weight, bias: the frozen output layer (V, H) and (V,) or None.
+        labels: (N,) target ids, -100 where ignored.
+        softcap: Gemma-2's final logit soft-capping, or None.
+        mix: (N, 1 + S) the log-linear mixing weights (with grad), or None for the plain loss.
+        corrections: per chunk of rows, each source's sparse correction (`FusionModel.source_corrections`).
+        chunk: rows per chunk.
+
+    Returns:
+        The loss, equal to ``cross_entropy(mixed_logits(...), labels, ignore_index=-100)`` up to float rounding
+        (terms below e^-80 of a row's total are taken at e^-80, as `fusion_llm.vocab_bridge.logsumexp` does).
+    """
+    return _OutputLoss.apply(normed, mix, weight.detach(), None if bias is None else bias.detach(), softcap,
+                             labels, corrections, chunk)
+
+
+def causal_lm_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """A transformers causal LM's own training loss (``model(..., labels=labels).loss``: labels shifted inside, -100
+    ignored), through `output_loss`, so a LoRA control pays for its output layer what a fused model pays.
+
+    Args:
+        model: a ``*ForCausalLM`` (peft adapters inside it are fine: pass ``peft_model.get_base_model()``).
+    """
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:  # a quantized or wrapped output layer: transformers' own path
+        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    return output_loss(hidden[:, :-1].flatten(0, 1), head.weight, labels[:, 1:].flatten(), bias=head.bias,
+                       softcap=softcap)
