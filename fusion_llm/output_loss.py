@@ -92,7 +92,7 @@ class _OutputLoss(torch.autograd.Function):
 
 def output_loss(normed: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                 bias: torch.Tensor | None = None, softcap: float | None = None, mix: torch.Tensor | None = None,
-                corrections: Corrections | None = None, chunk: int = 32) -> torch.Tensor:
+                corrections: Corrections | None = None, chunk: int = 64) -> torch.Tensor:
     """Mean cross-entropy of ``labels`` under ``softmax(mixed(weight @ normed))``, chunk by chunk.
 
     Args:
