@@ -348,8 +348,32 @@ def _settle_quantized_layout(model: PreTrainedModel, spec: BackboneSpec) -> None
     Doing it at load time means the frozen state is final from here on (bit-identical through training).
     """
     if spec.quantization in ("nf4", "fp4") and model.device.type == "cpu":
+        if spec.lora_rank:  # member adapters: gradients will flow through the frozen 4-bit layers
+            keep_4bit_differentiable(model)
         with torch.no_grad():
             model(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=False)
+
+
+def keep_4bit_differentiable(model: torch.nn.Module) -> None:
+    """Keep bitsandbytes' 4-bit Linears in the layout whose matmul has a backward pass.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit weight for its inference kernel on the first
+    forward in eval mode without grad, and from then on calls that kernel (``gemv_4bit``), which has no autograd
+    formula: gradients through the frozen layer are silently dropped (torch only warns). A backbone that member
+    adapters train through (`fusion_llm.member_lora`) must not be repacked, and is unpacked if it already was.
+    """
+    try:
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:  # no bitsandbytes: nothing is 4-bit
+        return
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            state = getattr(module.weight, "quant_state", None)
+            if state is not None and getattr(state, "packing_format_for_cpu", False):
+                module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                    module.weight.data, state)
 
 
 def _freeze(module: torch.nn.Module) -> None:

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from fusion_llm.backbones import loaded_depth, truncated_config
+from fusion_llm.backbones import keep_4bit_differentiable, loaded_depth, truncated_config
 from fusion_llm.config import BackboneSpec
 from fusion_llm.errors import ConfigError
 
@@ -88,6 +88,7 @@ class MemberLoRA(nn.Module):
             config = LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=self.paths, lora_dropout=0.0,
                                 bias="none")
             inject_adapter_in_model(config, model)
+            keep_4bit_differentiable(model)  # gradients flow through the frozen 4-bit layers from now on
             model._fusion_member_lora = True
             model.requires_grad_(False)  # peft's own fresh A / B are replaced below; the base stays frozen
         modules = dict(model.named_modules())

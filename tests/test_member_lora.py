@@ -177,3 +177,37 @@ def test_member_adapters_and_the_mixer_take_their_own_learning_rates(standin_pat
     model = FusionModel(cfg, backbones)
     rates = {n: g["lr"] for n, g in zip(model.head.members, _param_groups(model.head, TrainConfig(member_lr=2e-3))[1:])}
     assert rates == {"mistral": 2e-3, "llama": 5e-3}
+
+
+def _gradient_error(layer) -> float:
+    """How far a 4-bit Linear's input gradient is from the dequantized weight's (inf: no gradient at all)."""
+    import bitsandbytes as bnb
+
+    x = torch.randn(2, 3, layer.in_features, requires_grad=True)
+    layer(x).sum().backward()
+    if x.grad is None:
+        return float("inf")
+    weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    return float((x.grad - torch.ones(2, 3, layer.out_features) @ weight).abs().max())
+
+
+@pytest.mark.parametrize("adapters_at_load", [True, False], ids=["loaded_with_adapters", "adapters_added_later"])
+def test_gradients_pass_through_the_frozen_4bit_layers(standin_paths, adapters_at_load):
+    """bitsandbytes repacks a 4-bit weight for its inference kernel (no backward) on an eval forward without grad on
+    CPUs with AVX512-BF16; a backbone with member adapters is kept out of (or taken back from) that layout."""
+    from bitsandbytes.nn import Linear4bit
+
+    cfg = config(standin_paths, quantization="nf4")
+    plain = FusionConfig(**{**cfg.to_dict(), "backbones": [{**b, "lora_rank": 0} for b in cfg.backbones],
+                            "head": {**cfg.head, "source_lm_loss": False}})
+    loaded = FusionModel.load_backbones(cfg if adapters_at_load else plain)
+    for layer in (m for b in loaded.values() for m in b.model.modules() if isinstance(m, Linear4bit)):
+        layer.support_avx512bf16_for_cpu = True  # as on such a CPU: an eval forward without grad would repack
+    model = FusionModel(cfg, loaded)
+    layers = [m for b in model.backbones.values() for m in b.model.modules() if isinstance(m, Linear4bit)]
+    assert layers
+    with torch.no_grad():
+        forward(model)  # eval-mode forwards without grad: what scoring does between training steps
+    for layer in layers:
+        assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+    assert max(_gradient_error(layer) for layer in layers[:4]) < 1e-4

@@ -606,6 +606,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="probe: the head over SmolLM2's own taps only (what the other member adds)")
     parser.add_argument("--route-probe", action="store_true",
                         help="probe: the other member's predictions mixed in at fixed weights, nothing trained")
+    parser.add_argument("--lookahead-probe", action="store_true",
+                        help="probe: the route with a look-ahead over the source's unsettled tail vs the tail route, "
+                             "nothing trained (benchmarks/lm/lookahead.py)")
     parser.add_argument("--wallclock-lora", action="store_true",
                         help="control: LoRA on the headline's anchor given the headline's training time "
                              "(after a track run)")
@@ -626,6 +629,10 @@ def main(argv: list[str] | None = None) -> int:
             ablation(args.preset, out_dir)
         elif args.route_probe:
             route_probe(out_dir)
+        elif args.lookahead_probe:
+            from benchmarks.lm.lookahead import lookahead_probe
+
+            lookahead_probe(out_dir)
         elif args.wallclock_lora:
             wallclock_lora(args.preset, out_dir)
         else:
