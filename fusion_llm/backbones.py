@@ -282,17 +282,15 @@ class FrozenBackbone:
             hidden: (N, H) pre-norm hidden states; labels: (N,) ids, -100 where ignored.
             mix, corrections: see `fusion_llm.output_loss.output_loss`.
         """
-        from fusion_llm.output_loss import output_loss
+        from fusion_llm.output_loss import mixed_rows, output_loss
 
         head = self.lm_head
         if type(head) is not torch.nn.Linear:  # a quantized or wrapped output layer: the plain path
-            from fusion_llm.heads import mixed_logits
-
-            logits = self.lm_logits(hidden)
+            logits = self.lm_logits(hidden).float()
             if mix is not None:
-                logits = mixed_logits(logits.unsqueeze(0), mix.unsqueeze(0),
-                                      corrections(0, hidden.shape[0], logits.detach()) if corrections else [])[0]
-            return torch.nn.functional.cross_entropy(logits.float(), labels, ignore_index=-100)
+                logits = mixed_rows(logits, mix.float(),
+                                    corrections(0, hidden.shape[0], logits.detach()) if corrections else [])
+            return torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100)
         return output_loss(self.final_norm(hidden), head.weight, labels, bias=head.bias, softcap=self.logit_softcap,
                            mix=mix, corrections=corrections)
 

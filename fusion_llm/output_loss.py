@@ -31,15 +31,15 @@ def _logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, so
     return z
 
 
-def _mixed(z: torch.Tensor, mix: torch.Tensor | None, corrections: list) -> tuple[torch.Tensor, list]:
-    """``heads.mixed_logits`` on (R, V) rows, as a new tensor; also each correction's per-row sum weight needs."""
+def mixed_rows(z: torch.Tensor, mix: torch.Tensor | None, corrections: list) -> torch.Tensor:
+    """``heads.mixed_logits`` on (R, V) rows (``corrections`` index the flattened rows), as a new tensor."""
     if mix is None:
-        return z.clone(), []
+        return z.clone()
     out = z * (1 + mix.sum(-1, keepdim=True))
     flat, size = out.view(-1), out.shape[-1]
     for i, (keys, values) in enumerate(corrections):
         flat.index_add_(0, keys, mix[keys // size, 1 + i] * values)
-    return out, corrections
+    return out
 
 
 class _OutputLoss(torch.autograd.Function):
@@ -59,7 +59,7 @@ class _OutputLoss(torch.autograd.Function):
             z = _logits(normed[a:b], weight, bias, softcap)  # (R, V)
             m = None if mix is None else mix[a:b].float()
             corr = corrections(a, b, z) if corrections is not None and m is not None else []
-            logits, corr = _mixed(z, m, corr)
+            logits = mixed_rows(z, m, corr)
             y = labels[a:b].clamp_min(0).unsqueeze(1)
             lse = logsumexp(logits)
             total += ((lse - logits.gather(1, y).squeeze(1)) * keep).sum()

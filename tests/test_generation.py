@@ -193,7 +193,8 @@ def test_source_kv_caches_give_the_features_of_a_full_run_past_the_sliding_windo
                                  layers=sources._layers(backbone))
             for got, ref in zip(taps, want):
                 ref = ref[0, -1]
-                assert (got[0, 0] - ref).norm() <= 2e-3 * ref.norm() + 1e-4, (name, t)
+                # 4-bit kernels depend on the batch shape: ~1e-3 here, ~3e-3 with bitsandbytes' AVX512-BF16 kernel
+                assert (got[0, 0] - ref).norm() <= 5e-3 * ref.norm() + 1e-4, (name, t)
             checked += 1
     assert len(sources.state["gemma"][0].ids) > 128  # the sliding window was passed
     assert checked > 20
