@@ -241,9 +241,6 @@ def mixed_logits(logits: torch.Tensor, mix: torch.Tensor,
         corrections: per source, ``(keys, values)``: distinct indices into the flattened (B * T, V) logits and
             the source's log-probabilities relative to the anchor's there (`FusionModel.source_corrections`).
     """
-    out = logits * (1 + mix.to(logits.device, logits.dtype).sum(-1, keepdim=True))
-    flat, rows, size = out.view(-1), mix.flatten(0, 1).to(out.device, out.dtype), out.shape[-1]
-    for i, (keys, values) in enumerate(corrections):
-        keys = keys.to(out.device)
-        flat.index_add_(0, keys, rows[keys // size, 1 + i] * values.to(out.device, out.dtype))
-    return out
+    from fusion_llm.output_loss import mixed_rows
+
+    return mixed_rows(logits.flatten(0, 1), mix.flatten(0, 1), corrections).view_as(logits)

@@ -32,13 +32,15 @@ def _logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, so
 
 
 def mixed_rows(z: torch.Tensor, mix: torch.Tensor | None, corrections: list) -> torch.Tensor:
-    """``heads.mixed_logits`` on (R, V) rows (``corrections`` index the flattened rows), as a new tensor."""
+    """`fusion_llm.heads.mixed_logits` on (R, V) rows (``corrections`` index the flattened rows), a new tensor."""
     if mix is None:
         return z.clone()
+    mix = mix.to(z.device, z.dtype)
     out = z * (1 + mix.sum(-1, keepdim=True))
     flat, size = out.view(-1), out.shape[-1]
     for i, (keys, values) in enumerate(corrections):
-        flat.index_add_(0, keys, mix[keys // size, 1 + i] * values)
+        keys = keys.to(out.device)
+        flat.index_add_(0, keys, mix[keys // size, 1 + i] * values.to(out.device, out.dtype))
     return out
 
 

@@ -92,6 +92,31 @@ def _padded(rows: list[list[int]], fill: int) -> torch.Tensor:
     return table
 
 
+class AnchorIndex:
+    """The anchor's tokens by their bytes: the anchor's first token for a byte string (the longest anchor token it
+    starts with) and the anchor tokens that start with a byte string (a range of the byte-sorted vocabulary).
+
+    Args:
+        anchor_bytes: per anchor token id its bytes (`token_bytes`), ``None`` for tokens without bytes.
+    """
+
+    def __init__(self, anchor_bytes: list[bytes | None]):
+        self.index: dict[bytes, int] = {}
+        for v, b in enumerate(anchor_bytes):
+            if b and b not in self.index:
+                self.index[b] = v
+        self.order = sorted((v for v, b in enumerate(anchor_bytes) if b), key=lambda v: anchor_bytes[v])
+        self.keys = [anchor_bytes[v] for v in self.order]
+        self.top = b"\xff" * (max(map(len, self.keys), default=0) + 1)  # above every key that extends a prefix
+
+    def first(self, b: bytes) -> int | None:
+        return next((self.index[b[:k]] for k in range(len(b), 0, -1) if b[:k] in self.index), None)
+
+    def extensions(self, b: bytes) -> list[int]:
+        """The anchor tokens whose bytes start with ``b`` (``b`` itself included when it is one)."""
+        return self.order[bisect.bisect_left(self.keys, b):bisect.bisect_left(self.keys, b + self.top)]
+
+
 class VocabBridge:
     """The fixed index tables that map one source's distribution onto the anchor's vocabulary.
 
@@ -114,21 +139,13 @@ class VocabBridge:
         anc += [None] * max(0, (anchor_size or 0) - len(anc))
         self.source_size, self.anchor_size = len(src), len(anc)
         self.top_k, self.min_rest = top_k, min_rest
-        anchor_index: dict[bytes, int] = {}
-        for v, b in enumerate(anc):
-            if b and b not in anchor_index:
-                anchor_index[b] = v
-        order = sorted((v for v, b in enumerate(anc) if b), key=lambda v: anc[v])
-        keys = [anc[v] for v in order]
-        top = b"\xff" * (max(len(b) for b in src + anc if b) + 1)
+        anchors = AnchorIndex(anc)
         first, extensions = [], []
         for b in src:
-            # The anchor's first token for these bytes: the longest anchor token they start with.
-            v = next((anchor_index[b[:k]] for k in range(len(b or b""), 0, -1) if b[:k] in anchor_index), None)
+            v = anchors.first(b) if b else None
             first.append(self.anchor_size if v is None else v)
-            lo, hi = (bisect.bisect_left(keys, b), bisect.bisect_left(keys, b + top)) if b else (0, 0)
-            whole = v is not None and anc[v] == b
-            extensions.append(order[lo:hi] if whole and 1 < hi - lo <= max_extensions else [])
+            longer = anchors.extensions(b) if v is not None and anc[v] == b else []
+            extensions.append(longer if 1 < len(longer) <= max_extensions else [])
         self.first_anchor = torch.tensor(first, dtype=torch.long)  # (V_src,), anchor_size = none
         self.anchor_extensions = _padded(extensions, self.anchor_size)  # (V_src, C), the first token included
         self.mapped = torch.tensor([b is not None for b in anc])  # (V_anchor,)

@@ -15,7 +15,6 @@ at fixed weights, scored on validation rows (nothing is chosen on test rows). Wr
 
 from __future__ import annotations
 
-import bisect
 import datetime as dt
 import math
 from pathlib import Path
@@ -31,25 +30,20 @@ class _Placer:
     proportion to the anchor's own probabilities."""
 
     def __init__(self, anchor_bytes: list):
-        self.bytes = anchor_bytes
-        self.index: dict[bytes, int] = {}
-        for v, b in enumerate(anchor_bytes):
-            if b and b not in self.index:
-                self.index[b] = v
-        self.order = sorted((v for v, b in enumerate(anchor_bytes) if b), key=lambda v: anchor_bytes[v])
-        self.keys = [anchor_bytes[v] for v in self.order]
+        from fusion_llm.vocab_bridge import AnchorIndex
+
+        self.bytes, self.anchors = anchor_bytes, AnchorIndex(anchor_bytes)
 
     def __call__(self, r: bytes, anchor_log_probs: torch.Tensor) -> list[tuple[int, float]]:
-        v = next((self.index[r[:k]] for k in range(len(r), 0, -1) if r[:k] in self.index), None)
+        v = self.anchors.first(r)
         if v is None:
             return []
-        if self.bytes[v] == r:
-            lo, hi = bisect.bisect_left(self.keys, r), bisect.bisect_left(self.keys, r + b"\xff" * 64)
-            if 1 < hi - lo <= 64:
-                ids = torch.tensor(self.order[lo:hi])
-                p = anchor_log_probs[ids].exp()
-                if p.sum() > 0:
-                    return list(zip(ids.tolist(), (p / p.sum()).tolist()))
+        longer = self.anchors.extensions(r) if self.bytes[v] == r else []
+        if 1 < len(longer) <= 64:
+            ids = torch.tensor(longer)
+            p = anchor_log_probs[ids].exp()
+            if p.sum() > 0:
+                return list(zip(ids.tolist(), (p / p.sum()).tolist()))
         return [(v, 1.0)]
 
 
