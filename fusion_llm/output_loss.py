@@ -48,6 +48,7 @@ class _OutputLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, normed, mix, weight, bias, softcap, labels, corrections, chunk):
         n_rows, size = normed.shape[0], weight.shape[0]
+        need_grad = any(ctx.needs_input_grad[:2])  # False under no_grad (scoring): the loss alone
         valid = labels >= 0
         count = valid.sum().clamp_min(1).float()
         total = torch.zeros((), dtype=torch.float32, device=normed.device)
@@ -65,6 +66,8 @@ class _OutputLoss(torch.autograd.Function):
             y = labels[a:b].clamp_min(0).unsqueeze(1)
             lse = logsumexp(logits)
             total += ((lse - logits.gather(1, y).squeeze(1)) * keep).sum()
+            if not need_grad:
+                continue
             # d loss / d logits = (softmax - onehot) / count on the rows that count (the clamp: see logsumexp)
             g = logits.sub_(lse.unsqueeze(1)).clamp_min_(-80.0).exp_()
             g.scatter_add_(1, y, torch.full_like(y, -1.0, dtype=g.dtype))

@@ -142,9 +142,10 @@ def score_fused(model, texts: list[str], *, batch_size: int = 8) -> LMScore:
             raise ValueError(f"a text is longer than the anchor's {anchor.max_length} positions; cut the texts shorter")
         rows = [{k: v[i] for k, v in aligned.items()} for i in range(len(chunk))]
         batch = collate(rows)
-        out = model.lm_forward(batch["inputs"], batch["alignment"], batch["labels"])
-        nll, count = _nll_sum(out.logits, batch["labels"])
-        score.nll += nll
+        # the mean loss a few positions at a time, never the (B, T, vocab) logits (fusion_llm.output_loss)
+        out = model.lm_forward(batch["inputs"], batch["alignment"], batch["labels"], return_logits=False)
+        count = int((batch["labels"] != -100).sum())
+        score.nll += float(out.loss) * count
         score.tokens += count
     model.head.train(was_training)
     return score

@@ -52,6 +52,10 @@ def test_chunked_loss_and_gradients_equal_the_full_logits(softcap, with_mix):
     if with_mix:
         torch.testing.assert_close(mix.grad, 2 * want_mix)
     assert weight.grad is None
+    with torch.no_grad():  # scoring: the loss alone, the same value
+        scored = output_loss(x, weight, labels, bias=bias, softcap=softcap, mix=mix if with_mix else None,
+                             corrections=corrections if with_mix else None, chunk=4)
+    assert scored.item() == got.item()
 
 
 def test_no_label_gives_zero_loss_and_zero_gradients():

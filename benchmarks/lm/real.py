@@ -120,6 +120,10 @@ def _texts(split: str, rows: int) -> dict[str, list[str]]:
     return {d: list(load_corpus(d)[split]["text"][:rows]) for d in DOMAINS}
 
 
+def _weights_bytes(model_dir: Path) -> int:
+    return sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+
+
 def _lora_per_rank(model_dir: Path) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -378,10 +382,12 @@ def run_real_track(preset: str, out_dir: Path, *, members: dict | None = None, w
             log(f"[real] {name} anchor, {variant}: shared_width {heads[(variant, name)][0]['shared_width']}, member "
                 f"adapters {ranks or 'none'}, {heads[(variant, name)][1]:,} parameters (LoRA r={LORA_RANK}: "
                 f"{targets[name]:,})")
+    # longest jobs first (the larger member's before the smaller's), so that no worker starts a long job last
+    by_size = sorted(members, key=lambda n: -_weights_bytes(_resolve(members[n][0])))
     jobs = [(f"fused-{v}", n, (task_fused, n, members, p, heads[(v, n)][0], cache))
-            for v in p.variants for n in members]
-    jobs += [("lora", n, (task_lora, n, members, p.control(n), targets[n], cache)) for n in members]
-    jobs += [("alone", n, (task_alone, n, members, p, cache)) for n in members]
+            for v in p.variants for n in by_size]
+    jobs += [("lora", n, (task_lora, n, members, p.control(n), targets[n], cache)) for n in by_size]
+    jobs += [("alone", n, (task_alone, n, members, p, cache)) for n in by_size]
     results_by_job = {}
     started = time.perf_counter()
     if workers:
