@@ -543,3 +543,39 @@ def test_fallback_counts_are_kept_per_text_and_source(monkeypatch):
     out = A.align_batch(["one two", "three four", "five"], tok, {"src": tok}, stats=stats, count_fallbacks=True)
     assert out["src_fallbacks"] == [0, 1, 0] and stats.crossing_fallbacks == 1
     assert "src_fallbacks" not in A.align_batch(["one"], tok, {"src": tok})
+
+
+class _EveryBoundaryHard:
+    """A settle rule that is wrong on purpose: it claims every boundary hard."""
+
+    def __init__(self, rule):
+        self.rule = rule
+
+    def __getattr__(self, name):
+        return getattr(self.rule, name)
+
+    def hard_boundaries(self, text):
+        return np.ones(len(text) + 1, dtype=bool)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bytelevel", "spm"])
+def test_a_failed_rule_is_repaired_from_each_prefix_alone(monkeypatch, kind):
+    """Where a full-text source token crosses a boundary the rule claimed hard, the text is aligned from each
+    prefix's own tokenization, never by dropping boundaries on the evidence of tokens that run past a position's
+    prefix: with tails the source sees exactly ``tokenize(prefix)`` at every position, whatever follows; without
+    tails the tokens it sees are a prefix of it."""
+    from fusion_llm.alignment import settled
+
+    tok = synthetic(kind)
+    right_rule = settled.settle_rule
+    monkeypatch.setattr(settled, "settle_rule", lambda t: _EveryBoundaryHard(right_rule(t)))
+    stats = A.AlignmentStats()
+    for text in ["cat  the", "cat  the cats sat", "cat  theory", "The emoji,  the", "unbelievably the cat"]:
+        offsets = [(0, 0)] + [(i, i + 1) for i in range(len(text))]  # an anchor reading one character a token
+        ids, index, tails = A.align_source(text, offsets, tok, tails=True, stats=stats)
+        _, plain = A.align_source(text, offsets, tok, stats=stats)
+        for t in range(1, len(offsets)):
+            own = tok(text[:t])["input_ids"]  # BOS + the prefix's own tokens
+            assert ids[:index[t] + 1] + tails[t] == own, (kind, text, t)
+            assert ids[:plain[t] + 1] == own[:plain[t] + 1], (kind, text, t)
+    assert stats.crossing_fallbacks > 0

@@ -339,13 +339,14 @@ def train_lora(preset: LMPreset, anchor_dir: Path, target_params: int, cache: Pa
     model = AutoModelForCausalLM.from_pretrained(str(anchor_dir), dtype=torch.float32,
                                                  quantization_config=quantization_config(spec))
     rank, per_rank = lora_rank(model, target_params)
-    recipe = {"preset": preset.to_dict(), "anchor": anchor_dir.name, "rank": rank, "steps": steps}
+    recipe = {"preset": preset.to_dict(), "anchor": anchor_dir.name, "rank": rank, "steps": steps, "seed": 0}
     if (anchor_dir / "provenance.json").is_file():  # a converted real member: which conversion
         recipe["provenance"] = json.loads((anchor_dir / "provenance.json").read_text())
     stage = cache / _key("lora", recipe)
     if use_cache and (stage / "lora_info.json").is_file():
         info = json.loads((stage / "lora_info.json").read_text())
         return PeftModel.from_pretrained(model, str(stage)), info
+    torch.manual_seed(0)  # the adapters' initialisation, whatever ran before in this process (a pool worker)
     peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear",
                                                   lora_dropout=0.0, bias="none"))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)

@@ -35,11 +35,15 @@ inside a multi-byte character (Llama-3 ``"ðŁĺ"`` + ``"Ģ"`` for one emoji, bo
 (:func:`causal_char_ends`).
 
 Safety nets: every example is checked, in O(n), that no source token of the full text spans a
-claimed hard boundary (counted as ``crossing_fallbacks``; the boundary is dropped). With
-``verify=True`` every anchor prefix is re-tokenized (batched) and compared with the full-text
-tokens; a mismatch falls back to the longest agreeing prefix and is counted in
-``verify_failures``. Both counters live in :data:`ALIGNMENT_STATS`; the property tests show
-they stay at zero on the four real tokenizers.
+claimed hard boundary. Where one does (counted as ``crossing_fallbacks``), the rule is wrong for
+this text, and the example is aligned as with ``verify=True``: every anchor prefix is re-tokenized
+(batched) and compared with the full-text tokens; a mismatch falls back to the longest agreeing
+prefix and is counted in ``verify_failures``. With tails the source then sees, at every position,
+exactly its tokenization of the prefix (settled tokens + tail), whatever follows; without tails the
+tokens it sees are a prefix of it. No boundary is dropped on the evidence of full-text tokens, which
+may run past a position's prefix. Both counters live in :data:`ALIGNMENT_STATS` (and in a training
+run's summary, ``alignment_fallbacks``); the property tests show they stay at zero on the real
+tokenizers.
 """
 
 from __future__ import annotations
@@ -197,11 +201,14 @@ def align_source(
 
     hard = rule.hard_boundaries(text)
     bad = hard & _crossed(offsets, n)
-    if bad.any():  # the rule's claim failed on this text: drop those boundaries and count it
-        hard &= ~bad
+    if bad.any():
+        # The rule's claim failed on this text. Dropping the crossed boundaries would choose each position's
+        # index from full-text tokens that may run past its prefix (the future); instead every prefix of this
+        # text is re-tokenized (`_verify`): with tails each position then sees exactly tokenize(prefix).
         k = int(bad.sum())
         stats.crossing_fallbacks += k
         stats.failures_by_source[_name(source_tokenizer)] += k
+        verify = True
     ends = causal_char_ends(anchor_offsets, n)
     last_hard = _last_hard(hard)
     cuts = _cuts_for_ends(last_hard, ends)
