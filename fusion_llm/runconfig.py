@@ -31,8 +31,8 @@ class DataConfig:
     """Where examples come from.
 
     Args:
-        task: a built-in task (``topics``, or a grokking task such as ``x_plus_y`` / ``grokking_all``);
-            ``topics`` when no source is given.
+        task: a built-in task (``topics``, ``python_docs`` (text), or a grokking task such as ``x_plus_y`` /
+            ``grokking_all``); when no source is given, ``topics``, or ``python_docs`` for an LM head.
         dataset: a HF dataset name (loaded with ``datasets.load_dataset``; needs the hub or its cache).
         files: local data files, ``{"train": path, "validation": path}`` (json/jsonl/csv/parquet/txt);
             ``cache:text/mixture/train.jsonl`` names a file in the fusion_llm cache (the prepared corpora).
@@ -217,6 +217,10 @@ def expand_cache_paths(model: dict) -> dict:
     return model
 
 
+#: Built-in tasks that are running text (an LM head's data); the others are labelled classification tasks.
+TEXT_TASKS = ("python_docs",)
+
+
 def build_run_config(data: dict, base: Path = REPO_ROOT) -> RunConfig:
     if not isinstance(data, dict):
         raise ConfigError("run config: expected a mapping at the top level")
@@ -229,11 +233,20 @@ def build_run_config(data: dict, base: Path = REPO_ROOT) -> RunConfig:
             split: str(cache_dir() / f[len("cache:"):]) if isinstance(f, str) and f.startswith("cache:") else f
             for split, f in data["data"]["files"].items()}}
     run = _from_dict(RunConfig, "run config", data, prefix="")
+    given = data.get("data") if data.get("data") is not None else {}
+    head = run.model.get("head") if isinstance(run.model, dict) else None
+    if (isinstance(given, dict) and isinstance(head, dict) and head.get("kind") == "lm"
+            and not any(given.get(k) for k in ("task", "dataset", "files"))):
+        run.data = {**given, "task": "python_docs"}  # an LM head's built-in default is text, not topics
     run.data = _from_dict(DataConfig, "data", run.data if run.data is not None else {})
     run.train = _from_dict(TrainConfig, "train", run.train if run.train is not None else {})
     if not run.model.get("backbones"):
         raise ConfigError("model.backbones: empty; list the backbones to fuse (name, model, tap_layers, anchor)")
-    run.fusion_config()  # validate the model section now
+    fusion = run.fusion_config()  # validate the model section now
+    if fusion.head_spec.kind == "lm" and run.data.task not in (None, *TEXT_TASKS):
+        raise ConfigError(f"data.task: {run.data.task!r} is a labelled task, and an LM head (head.kind: lm) "
+                          "learns to predict text: give data.files (the corpora: cache:text/mixture/train.jsonl and "
+                          "validation.jsonl), data.dataset, or data.task: python_docs; or a classification head")
     return run
 
 

@@ -26,6 +26,19 @@ def test_every_shipped_config_validates():
         assert run.fusion_config().backbones
 
 
+def test_an_lm_head_on_a_labelled_task_is_refused(tmp_path):
+    """An LM head learns to predict text: a labelled task (templated sentences) is refused with one line; the real
+    four-model LM config trains on the text corpora, its classification sibling on topics."""
+    lm = load_run_config(ROOT / "configs/fusion_4llm.yaml")
+    assert lm.fusion_config().head_spec.kind == "lm" and lm.data.task is None
+    assert lm.data.files["train"].endswith("text/mixture/train.jsonl")
+    topics = load_run_config(ROOT / "configs/fusion_4llm_topics.yaml")
+    assert topics.fusion_config().head_spec.kind == "classification" and topics.data.task == "topics"
+    for task in ("topics", "x_plus_y"):
+        with pytest.raises(ConfigError, match=r"^data.task: '.*' is a labelled task.*data.files"):
+            load_run_config(ROOT / "configs/fusion_4llm.yaml", [f"--data.task={task}", "--data.files=null"])
+
+
 def test_real_four_model_plan_is_within_8b():
     run = load_run_config(ROOT / "configs/fusion_4llm.yaml")
     result = plan(run.fusion_config(), batch_size=1, seq_len=512)
