@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,6 +17,7 @@ from datasets import Dataset, load_from_disk
 
 from fusion_llm.config import ConfigError
 from fusion_llm.modeling import FusionModel
+from fusion_llm.paths import atomic_dir
 
 
 FEATURES_VERSION = 2  # bump when the code that computes the features changes what it stores
@@ -90,16 +89,8 @@ class FeatureCache:
             labels.append(batch["labels"])
         data = {c: torch.cat(v).numpy() for c, v in columns.items()}
         data["labels"] = torch.cat(labels).numpy()
-        path = self.path(dataset)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-        try:
+        with atomic_dir(self.path(dataset)) as tmp:  # a failed write leaves whatever was there before
             Dataset.from_dict(data).save_to_disk(str(tmp))
-            if path.exists():
-                shutil.rmtree(path)
-            tmp.rename(path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return self.get(dataset)
 
 

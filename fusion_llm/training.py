@@ -30,7 +30,7 @@ from fusion_llm.data.pipeline import (Collator, LMCollator, align_splits, alignm
 from fusion_llm.features import FeatureCache, collate_features
 from fusion_llm.metrics import load_metric
 from fusion_llm.modeling import FusionModel
-from fusion_llm.paths import cache_dir, write_atomic
+from fusion_llm.paths import cache_dir, replace_dir, write_atomic
 from fusion_llm.runconfig import RunConfig, load_run_config
 
 
@@ -81,7 +81,7 @@ def _checkpoints(output_dir: Path) -> list[Path]:
 
 
 def _save_checkpoint(accelerator: Accelerator, output_dir: Path, state: dict, run: RunConfig, keep: int) -> Path:
-    """`accelerator.save_state` into a temp folder, then rename: a kill mid-save leaves the older ones usable.
+    """`accelerator.save_state` into a temp folder, then `replace_dir`: a kill mid-save leaves the older ones usable.
     ``state`` (the step, the best eval loss so far, the loss history, the last and the anchor's evals) goes
     into ``trainer_state.json``, so a resumed run goes on from all of it."""
     step = state["step"]
@@ -97,7 +97,7 @@ def _save_checkpoint(accelerator: Accelerator, output_dir: Path, state: dict, ru
     if accelerator.is_main_process:
         (tmp / "run_config.yaml").write_text(yaml.safe_dump(run.to_dict(), sort_keys=False))
         (tmp / "trainer_state.json").write_text(json.dumps(state))
-        os.replace(tmp, final)
+        replace_dir(tmp, final)  # one of this step already there stays if the move fails
         for old in _checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

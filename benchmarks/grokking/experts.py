@@ -17,8 +17,6 @@ Two kinds, both ``from_pretrained`` folders that `fusion_llm.backbones.load_back
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -27,6 +25,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 
 from fusion_llm.data.grokking import VOCABULARY
+from fusion_llm.paths import atomic_dir
 
 NUM_CLASSES = VOCABULARY.num_answer_classes  # 217: numbers 0..96, then the 120 permutations of S5
 PAD_TOKEN, UNK_TOKEN = "<pad>", "<unk>"
@@ -98,18 +97,10 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
 
 
 def save_atomic(out_dir: Path, write) -> Path:
-    """Call ``write(tmp_dir)`` and rename the folder into ``out_dir`` (a reader sees all of it or none)."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    """Call ``write(tmp_dir)`` inside `fusion_llm.paths.atomic_dir` (a reader sees all of it or none)."""
+    with atomic_dir(out_dir) as tmp:
         write(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return Path(out_dir)
 
 
 def save_expert(model: nn.Module, tokenizer, out_dir: Path, info: dict | None = None) -> Path:

@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fusion_llm.data.corpora import DOMAINS, load_corpus, read_manifest
-from fusion_llm.paths import FAMILIES, cache_dir, tokenizer_dir
+from fusion_llm.paths import FAMILIES, atomic_dir, cache_dir, tokenizer_dir
 from fusion_llm.standins import standin_config
 
 
@@ -198,7 +196,6 @@ def train_standin(recipe: PretrainRecipe, train_texts: list[str], validation_tex
         ``pretrain.json`` (recipe, key, active vocabulary size, loss curve, validation loss, seconds).
     """
     out_dir = Path(out_dir)
-    root = out_dir.parent
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(recipe.family))
     full_config = standin_config(recipe.family, **recipe.sizes)
@@ -272,16 +269,10 @@ def train_standin(recipe: PretrainRecipe, train_texts: list[str], validation_tex
              "train_sequences": len(seqs), "tokens_seen": recipe.steps * recipe.batch_size * recipe.seq_len,
              "loss_curve": [round(sum(losses[i:i + 10]) / len(losses[i:i + 10]), 4) for i in range(0, len(losses), 10)],
              "validation_loss": total / max(count, 1), "seconds": time.perf_counter() - started}
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=root))
-    try:
+    with atomic_dir(out_dir) as tmp:
         full.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "pretrain.json").write_text(json.dumps(stamp, indent=2))
-        shutil.rmtree(out_dir, ignore_errors=True)
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log(f"  pretrained {recipe.name} in {stamp['seconds']:.0f}s: validation loss {stamp['validation_loss']:.3f} "
         f"nats/token, active vocabulary {len(active)}/{full_config.vocab_size}")
     return out_dir

@@ -44,7 +44,7 @@ import torch
 
 from benchmarks.store import recipe_key, write_json_atomic
 from fusion_llm.data.corpora import DOMAINS
-from fusion_llm.paths import write_atomic
+from fusion_llm.paths import atomic_dir, write_atomic
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -380,12 +380,9 @@ def train_lora(preset: LMPreset, anchor_dir: Path, target_params: int, cache: Pa
     info = {"rank": rank, "params_per_rank": per_rank, "trainable_params": trainable, "target_params": target_params,
             "final_train_loss": sum(losses[-10:]) / len(losses[-10:]), "steps": step, "rows": len(rows),
             "train_seconds": round(time.perf_counter() - started, 1)}
-    tmp = stage.with_name(f".{stage.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(str(tmp))
-    (tmp / "lora_info.json").write_text(json.dumps(info, indent=1))
-    shutil.rmtree(stage, ignore_errors=True)
-    os.replace(tmp, stage)
+    with atomic_dir(stage) as tmp:
+        peft_model.save_pretrained(str(tmp))
+        (tmp / "lora_info.json").write_text(json.dumps(info, indent=1))
     log(f"  LoRA r={rank}: {trainable:,} trainable parameters (fusion head {target_params:,})")
     return peft_model, info
 
@@ -402,11 +399,8 @@ def merge_all(dirs: dict[str, Path], cache: Path, use_cache: bool) -> dict[str, 
         recipe = merge_recipe(experts, method, params, base=base)
         stage = cache / _key(f"merge-{method}", {"recipe": recipe, "experts": {d: p.name for d, p in experts.items()}})
         if not (use_cache and (stage / "mergekit_config.yml").is_file()):
-            tmp = stage.with_name(f".{stage.name}.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            merge_from_disk(recipe, tmp)
-            shutil.rmtree(stage, ignore_errors=True)
-            os.replace(tmp, stage)
+            with atomic_dir(stage) as tmp:
+                merge_from_disk(recipe, tmp)
         out[method] = stage
     return out
 

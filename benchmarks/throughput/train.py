@@ -44,7 +44,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import shutil
 import statistics
 import sys
 import tempfile
@@ -189,22 +188,17 @@ def build_real_width(family: str, layers: int, root: Path, device: str) -> Path:
     init_device = "cuda" if device.startswith("cuda") else "cpu"
     with torch.device(init_device):
         model = getattr(transformers, cls)._from_config(config, dtype=torch.bfloat16)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=root))
     try:
-        model.save_pretrained(tmp)
-        params = sum(p.numel() for p in model.parameters())
-        del model
-        if has_tokenizer(family):
-            AutoTokenizer.from_pretrained(tokenizer_dir(family)).save_pretrained(tmp)
-        else:
-            _placeholder_tokenizer(tmp, config.vocab_size)
-        (tmp / "standin.json").write_text(json.dumps({"family": family, "recipe": recipe, "parameters": params}))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        with paths.atomic_dir(out_dir) as tmp:
+            model.save_pretrained(tmp)
+            params = sum(p.numel() for p in model.parameters())
+            del model
+            if has_tokenizer(family):
+                AutoTokenizer.from_pretrained(tokenizer_dir(family)).save_pretrained(tmp)
+            else:
+                _placeholder_tokenizer(tmp, config.vocab_size)
+            (tmp / "standin.json").write_text(json.dumps({"family": family, "recipe": recipe, "parameters": params}))
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
         if init_device == "cuda":
             torch.cuda.empty_cache()
     return out_dir

@@ -14,15 +14,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, Gemma2Config, LlamaConfig, MistralConfig, Phi3Config
 
-from fusion_llm.paths import FAMILIES, standin_dir, tokenizer_dir
+from fusion_llm.paths import FAMILIES, atomic_dir, standin_dir, tokenizer_dir
 
 # (config class, config values). Vocab sizes are the real models' (all multiples of 64; Gemma uses
 # Gemma-3's 262208, since its tokenizer is the one we can fetch).
@@ -100,19 +98,12 @@ def build_standin(family: str, out_dir: Path | None = None, *, seed: int = 0, fo
     torch.manual_seed(seed)
     model = getattr(transformers, cls)(config)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(family))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:  # a reader sees the old or the new folder; a failure leaves the old one
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         params = sum(p.numel() for p in model.parameters())
         (tmp / "standin.json").write_text(json.dumps({"family": family, "recipe": recipe, "seed": seed,
                                                       "parameters": params}, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)  # atomic on one filesystem: a reader sees the old or the new folder
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
