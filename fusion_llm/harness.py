@@ -93,6 +93,8 @@ def load_fused(head: str | Path, *, anchor_only: bool = False, device: str | Non
         return FusionModel.from_pretrained(path, device_map=device_map)
     spec = next(s for s in config.backbone_specs if s.anchor)
     anchor = load_backbone(spec, with_lm_head=True, device_map=device_map)
+    if config.fingerprints is None:  # a saved head: no record is unverifiable, as in FusionModel.from_pretrained
+        config.fingerprints = {}
     FusionModel._check_fingerprint(config, anchor)  # the same identity check as a fused load
     return alone_model(anchor, config.shared_width)
 

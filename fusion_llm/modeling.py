@@ -81,6 +81,7 @@ class FusionModel(nn.Module):
                                        max_position_embeddings=spec.max_position_embeddings)
         self.config = config
         self._backbones = {n: backbones[n] for n in names}  # a plain dict: not submodules
+        self._unfingerprinted: set[str] = set()  # backbones a save has warned about (save_pretrained)
         self.head = head if head is not None else FusionHead(config)
 
         members = getattr(self.head, "members", {})
@@ -110,12 +111,31 @@ class FusionModel(nn.Module):
 
     @staticmethod
     def _check_fingerprint(config: FusionConfig, backbone: FrozenBackbone, verify_weights: bool = True) -> None:
-        expected = (config.fingerprints or {}).get(backbone.name)
+        """A backbone is the one the head was trained on: its config, tokenizer and weights fingerprints equal the
+        ones saved with the head. A config that records none (``fingerprints`` None) is a new head, never saved:
+        nothing to check. A saved head without a backbone's record, or one saved where a part could not be
+        fingerprinted, cannot check it and is refused like a backbone that cannot be fingerprinted now, unless
+        ``verify_weights=False`` (then one warning line)."""
+        if config.fingerprints is None:
+            return
+        opt_out = "pass verify_weights=False (scripts: --unverified-weights) to load anyway"
+        expected = config.fingerprints.get(backbone.name)
         if not expected:
+            if verify_weights:
+                raise ConfigError(f"backbone {backbone.name!r}: the head was saved without its fingerprints, so it "
+                                  f"cannot check this is the backbone it was trained on; {opt_out}")
+            log.warning("backbone %r: not verified (the head holds no fingerprints of it; verify_weights=False)",
+                        backbone.name)
             return
         for part in ("config", "tokenizer", "weights"):
             want, got = expected.get(part), backbone.fingerprint.get(part)
             if not want:
+                if verify_weights:
+                    raise ConfigError(
+                        f"backbone {backbone.name!r}: the head was saved without a fingerprint of its {part} (it could "
+                        f"not be computed then), so it cannot check they are the ones it was trained on; {opt_out}")
+                log.warning("backbone %r: %s not verified (the head holds no fingerprint of them; "
+                            "verify_weights=False)", backbone.name, part)
                 continue
             if part == "weights" and not want.startswith(WEIGHTS_FINGERPRINT):
                 log.warning("backbone %r: the head was saved by an older fusion_llm that fingerprinted only part of "
@@ -126,8 +146,7 @@ class FusionModel(nn.Module):
                     raise ConfigError(
                         f"backbone {backbone.name!r}: its {part} cannot be fingerprinted (no *.safetensors or *.bin in "
                         f"{backbone.spec.model!r}, nor a snapshot of it in the local hub cache), so the head cannot "
-                        "check they are the ones it was trained on; pass verify_weights=False (scripts: "
-                        "--unverified-weights) to load anyway")
+                        f"check they are the ones it was trained on; {opt_out}")
                 log.warning("backbone %r: %s not verified (verify_weights=False)", backbone.name, part)
                 continue
             if want != got:
@@ -190,6 +209,8 @@ class FusionModel(nn.Module):
             raise ConfigError(f"{path / 'config.json'}: not a readable head config ({str(err).splitlines()[0]}); "
                               "the head is damaged: save or train it again") from None
         check_head_weights(path / "model.safetensors")  # before any backbone loads
+        if config.fingerprints is None:  # a saved head always records its backbones' identity: none is unverifiable
+            config.fingerprints = {}
         backbones = backbones or cls.load_backbones(config, device_map)
         head = FusionHead.from_pretrained(path, config=config)
         return cls(config, backbones, head, verify_weights=verify_weights)
@@ -201,6 +222,13 @@ class FusionModel(nn.Module):
         is replaced only once the new one is complete, and put back if the final rename fails.
         """
         path = Path(path)
+        for name, backbone in self._backbones.items():
+            if backbone.fingerprint.get("weights") is None and name not in self._unfingerprinted:  # once: training
+                self._unfingerprinted.add(name)  # saves many times
+                log.warning("backbone %r: its weights cannot be fingerprinted (no *.safetensors or *.bin in %r, nor a "
+                            "snapshot of it in the local hub cache); the head is saved without their fingerprint and "
+                            "will load only with verify_weights=False (scripts: --unverified-weights)",
+                            name, backbone.spec.model)
         self.config.fingerprints = {n: b.fingerprint for n, b in self._backbones.items()}
         self.head.config = self.config
         with atomic_dir(path) as tmp:

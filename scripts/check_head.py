@@ -1,6 +1,8 @@
 """Reload a saved head with FusionModel.from_pretrained and report its accuracy on the topics eval split.
 
-    python scripts/check_head.py outputs/quickstart/head
+    python scripts/check_head.py outputs/quickstart/head [--unverified-weights]
+
+A damaged head or backbones it was not trained on: one line on stderr, exit 2.
 """
 
 import sys
@@ -13,12 +15,15 @@ from fusion_llm.modeling import FusionModel
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
+    unverified = "--unverified-weights" in argv
+    argv = [a for a in argv if a != "--unverified-weights"]
     if len(argv) != 1:
-        print("usage: python scripts/check_head.py HEAD_DIR", file=sys.stderr)
+        print("usage: python scripts/check_head.py HEAD_DIR [--unverified-weights]", file=sys.stderr)
         return 2
     try:
-        model = FusionModel.from_pretrained(argv[0])
+        # --unverified-weights: load even where a backbone's weights cannot be fingerprinted (not recommended)
+        model = FusionModel.from_pretrained(argv[0], verify_weights=not unverified)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

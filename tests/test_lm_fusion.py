@@ -174,6 +174,49 @@ def test_packed_tails_keep_the_sliding_window_past_it(lm_model):
     assert checked >= 10
 
 
+@pytest.mark.parametrize("family", ["mistral", "phi3"])
+def test_packed_tails_keep_a_window_every_layer_slides_in(lm_model, tmp_path, monkeypatch, family):
+    """Mistral's and Phi-3's ``sliding_window`` applies to every layer (no ``layer_types``): a stand-in with a
+    16-token window, as a source with packed tails, keeps it on every layer past the window; a packed position's
+    features equal the stand-in run alone on its tokenization of the prefix. With the window dropped (one plain
+    mask for every layer) they do not: the comparison can fail."""
+    from fusion_llm.backbones import load_backbone
+    from fusion_llm.config import BackboneSpec
+    from fusion_llm.standins import build_standin
+
+    window = 16
+    folder = build_standin(family, tmp_path / family, sliding_window=window)
+    backbone = load_backbone(BackboneSpec(name="window", model=str(folder), tap_layers=[-1], quantization="none",
+                                          compute_dtype="float32"))
+    config = backbone.model.config
+    assert config.sliding_window == window and not getattr(config, "layer_types", None)
+    text = " ".join(f"line {i}: the {['red', 'blue', 'green'][i % 3]} fox jumps over {i * 37} fences;"
+                    for i in range(10))
+    anchor = lm_model.anchor
+    al = align_batch([text], anchor.tokenizer, {"window": backbone.tokenizer}, tails=True)
+    collate = LMCollator(anchor.name, {anchor.name: anchor.tokenizer.pad_token_id or 0,
+                                       "window": backbone.tokenizer.pad_token_id or 0})
+    src = collate([{k: v[0] for k, v in al.items()}])["inputs"]["window"]
+    assert int(src["position_ids"].max()) > 4 * window  # the text runs well past the window
+    mask = tail_attention_mask(src["tail_group"], src["tail_ctx"])
+    packed = backbone.taps(src["input_ids"], mask, position_ids=src["position_ids"])[0][0]
+    with monkeypatch.context() as m:  # the window dropped: one plain mask for every layer
+        m.setattr(backbone, "_packed_masks", lambda allowed, position_ids: backbone._custom_mask(allowed))
+        unwindowed = backbone.taps(src["input_ids"], mask, position_ids=src["position_ids"])[0][0]
+    ends = causal_char_ends(al["offset_mapping"][0], len(text)).tolist()
+    checked = differs = 0
+    for t in range(0, len(ends), 3):
+        ids = prefix_tokens(backbone.tokenizer, text[:ends[t]])
+        if len(ids) <= window:
+            continue
+        j = al["window_align"][0][t]
+        alone = backbone.taps(torch.tensor([ids]))[0][0, -1]
+        torch.testing.assert_close(packed[j], alone, rtol=0, atol=1e-4)
+        differs += bool((unwindowed[j] - alone).abs().max() > 1e-2)
+        checked += 1
+    assert checked >= 10 and differs == checked, (checked, differs)
+
+
 @pytest.mark.parametrize("predictions,residual_scale", [(False, "none"), (True, "none"), (False, "anchor_rms")],
                          ids=["hidden_states", "source_predictions", "rms_residual"])
 def test_untrained_fused_model_is_the_anchor_exactly(lm_model, standin_paths, predictions, residual_scale):

@@ -2,6 +2,7 @@
 save -> load -> identical outputs, head-only files, fingerprints."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -157,6 +158,61 @@ def test_weights_that_cannot_be_fingerprinted_are_refused_unless_asked(four_back
     assert "older fusion_llm" in caplog.text
 
 
+def test_a_head_saved_without_a_weights_fingerprint_is_refused_unless_asked(four_backbones, standin_paths,
+                                                                            tmp_path, caplog):
+    """Weights that could not be fingerprinted at save: the save says so in one warning line (once per model), and
+    the head is refused at load, whichever backbone it meets, unless ``verify_weights=False``."""
+    import dataclasses
+
+    llama = four_backbones["llama"]
+    unknown = {**four_backbones,
+               "llama": dataclasses.replace(llama, fingerprint={**llama.fingerprint, "weights": None})}
+    config = FusionConfig(backbones=backbone_dicts(standin_paths), shared_width=64, head={"num_labels": 4})
+    model = FusionModel(config, unknown)
+    with caplog.at_level("WARNING", logger="fusion_llm.modeling"):
+        model.save_pretrained(tmp_path / "head")
+        model.save_pretrained(tmp_path / "head")  # training saves many times: one line, not one per save
+    warned = [r.getMessage() for r in caplog.records if r.name == "fusion_llm.modeling"]
+    assert len(warned) == 1 and "backbone 'llama': its weights cannot be fingerprinted" in warned[0], warned
+    assert "--unverified-weights" in warned[0] and "\n" not in warned[0]
+    saved = json.loads((tmp_path / "head" / "config.json").read_text())["fingerprints"]
+    assert saved["llama"]["weights"] is None and saved["mistral"]["weights"]
+    for backbones in (four_backbones, unknown):  # the real weights do not make it checkable either
+        with pytest.raises(ConfigError, match="backbone 'llama': the head was saved without a fingerprint of its "
+                                              "weights.*verify_weights=False.*--unverified-weights") as err:
+            FusionModel.from_pretrained(tmp_path / "head", backbones=backbones)
+        assert "\n" not in str(err.value)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fusion_llm.modeling"):
+        FusionModel.from_pretrained(tmp_path / "head", backbones=four_backbones, verify_weights=False)
+    assert "backbone 'llama': weights not verified" in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["one backbone", "all backbones"])
+def test_a_head_without_a_backbones_fingerprints_is_refused_unless_asked(four_backbones, standin_paths, tmp_path,
+                                                                          caplog, damage):
+    """A saved head whose config holds no fingerprints for a backbone (an edited or foreign config.json) cannot
+    check it: refused, naming the backbone and the way to load anyway."""
+    model = make_model(four_backbones, standin_paths)
+    model.save_pretrained(tmp_path / "head")
+    path = tmp_path / "head" / "config.json"
+    config = json.loads(path.read_text())
+    if damage == "one backbone":
+        del config["fingerprints"]["gemma"]
+    else:
+        del config["fingerprints"]
+    path.write_text(json.dumps(config))
+    name = "gemma" if damage == "one backbone" else "llama"  # the first backbone it cannot check
+    with pytest.raises(ConfigError, match=f"backbone '{name}': the head was saved without its fingerprints"
+                                          ".*verify_weights=False") as err:
+        FusionModel.from_pretrained(tmp_path / "head", backbones=four_backbones)
+    assert "\n" not in str(err.value)
+    with caplog.at_level("WARNING", logger="fusion_llm.modeling"):
+        loaded = FusionModel.from_pretrained(tmp_path / "head", backbones=four_backbones, verify_weights=False)
+    assert f"backbone '{name}': not verified" in caplog.text
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in model.parameters())
+
+
 @pytest.mark.parametrize("field, value", [("quantization", "none"), ("compute_dtype", "bfloat16"),
                                           ("tap_layers", [1, -1])])
 def test_a_head_is_refused_on_a_backbone_loaded_otherwise(four_backbones, standin_paths, tmp_path, field, value):
@@ -255,17 +311,24 @@ def test_a_damaged_head_is_one_line_naming_the_file(four_backbones, standin_path
     with pytest.raises(ConfigError, match=message) as err:
         FusionModel.from_pretrained(tmp_path / "head", backbones=four_backbones)
     assert "\n" not in str(err.value)
-    if damage == "truncate":  # the script: exit 2, one line, no traceback, before any backbone loads
-        import importlib.util
+    # the script: exit 2 and one line naming the damaged file, before any backbone loads
+    capsys.readouterr()  # what saving printed
+    assert check_head_script().main([str(tmp_path / "head")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    damaged = config if damage == "config" else weights
+    assert len(lines) == 1 and lines[0].startswith(f"error: {damaged}: "), lines
+    assert re.search(message, lines[0]), lines
 
-        script = Path(__file__).resolve().parents[1] / "scripts" / "check_head.py"
-        spec = importlib.util.spec_from_file_location("check_head_script", script)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        capsys.readouterr()  # what saving printed
-        assert module.main([str(tmp_path / "head")]) == 2
-        lines = capsys.readouterr().err.strip().splitlines()
-        assert len(lines) == 1 and "model.safetensors: not a readable safetensors file" in lines[0]
+
+def check_head_script():
+    """``scripts/check_head.py`` as a module (scripts are not a package)."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "check_head.py"
+    spec = importlib.util.spec_from_file_location("check_head_script", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_each_backbone_is_placed_where_its_device_map_says(standin_paths, monkeypatch):

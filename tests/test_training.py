@@ -171,6 +171,61 @@ def test_two_processes_train_an_lm_head_with_member_adapters_alike(standin_paths
     assert summary["final"]["eval_loss"] < summary["anchor_eval"]["eval_loss"] - 0.1
 
 
+def test_resuming_an_lm_run_keeps_the_anchors_eval_and_the_best_head(standin_paths, tmp_path, monkeypatch):
+    """An LM run resumed from its checkpoint takes the anchor-alone eval from it (not evaluated again, not lost) and
+    the best eval so far: an eval after the resume that scores worse leaves best/ as it was."""
+    import fusion_llm.training as T
+
+    def cfg():
+        return build_run_config(lm_tiny(tmp_path, train__max_steps=6, train__eval_every=2, train__checkpoint_every=2))
+
+    original, evals = T.evaluate_model, []
+    monkeypatch.setattr(T, "evaluate_model", lambda *a, **k: evals.append(original(*a, **k)) or evals[-1])
+    assert train(cfg(), stop_after=4)["stopped_at"] == 4  # evals: the anchor alone, steps 2 and 4; checkpoint at 4
+    assert len(evals) == 3
+    anchor, before = evals[0], [e["eval_loss"] for e in evals[1:]]
+    best = tmp_path / "run" / "best"
+    saved = {f.name: f.read_bytes() for f in best.iterdir()}
+    assert "model.safetensors" in saved
+
+    evals.clear()  # after the resume every eval scores worse than any before it
+    worse = max(before) + 1.0
+    monkeypatch.setattr(T, "evaluate_model",
+                        lambda *a, **k: evals.append({**original(*a, **k), "eval_loss": worse}) or evals[-1])
+    lines = []
+    resumed = train(cfg(), resume=True, log=lines.append)
+    assert len(evals) == 1 and not any(line.startswith("anchor alone") for line in lines), lines  # step 6's only
+    assert resumed["anchor_eval"] == anchor
+    assert json.loads((tmp_path / "run/run_summary.json").read_text())["anchor_eval"] == anchor
+    assert resumed["final"]["eval_loss"] == worse and resumed["best_eval_loss"] == min(before)
+    assert {f.name: f.read_bytes() for f in best.iterdir()} == saved  # not replaced by the worse head
+
+
+def test_an_alignment_fallback_shows_in_the_log_and_the_summary(standin_paths, tmp_path, monkeypatch):
+    """A text whose alignment takes a safety net (forced here on one training row, for the Phi-3 source) shows in
+    a warning line of the run's log and in run_summary.json's ``alignment_fallbacks``, per split and source."""
+    from fusion_llm.alignment import AlignmentStats
+    from fusion_llm.alignment import batch as B
+
+    cfg = lm_tiny(tmp_path, train__max_steps=1)
+    forced = json.loads((tmp_path / "train.jsonl").read_text().splitlines()[3])["text"]
+    original = B.align_source
+
+    def one_fallback(text, *args, stats, **kwargs):
+        if text == forced:
+            stats.crossing_fallbacks += 1  # what the crossing safety net counts when it acts
+        return original(text, *args, stats=stats, **kwargs)
+
+    monkeypatch.setattr(B, "align_source", one_fallback)
+    monkeypatch.setattr(B, "ALIGNMENT_STATS", AlignmentStats())  # the process-wide counters stay as they were
+    lines = []
+    train(build_run_config(cfg), log=lines.append)
+    warnings = [line for line in lines if line.startswith("warning:") and "fell back" in line]
+    assert len(warnings) == 1 and "'phi': 1" in warnings[0], lines
+    summary = json.loads((tmp_path / "run/run_summary.json").read_text())
+    assert summary["alignment_fallbacks"] == {"train": {"phi": 1}, "validation": {"phi": 0}}
+
+
 def test_a_nan_on_one_process_stops_every_process_with_the_same_line(standin_paths, tmp_path):
     """Process 1 alone sees a non-finite loss at its third step: both processes stop with the same one-line error
     (none is left waiting in the gradient all-reduce), and nothing is saved."""
