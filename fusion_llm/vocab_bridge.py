@@ -261,14 +261,65 @@ def top_log_probs(backbone, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor,
         ``(log_probs, ids, entropy)``: (N, k) log-probabilities and token ids, and (N,) the entropy (nats) of the
         top-k part plus the rest taken as one outcome (a cheap stand-in for the full entropy).
     """
-    logits = backbone.lm_logits(hidden).float()  # (N, V)
-    top, ids = logits.topk(min(k + 1, logits.shape[-1]), dim=-1)
-    top = top - logsumexp(logits).unsqueeze(-1)
+    head = backbone.lm_head
+    if type(head) is torch.nn.Linear:  # a few rows at a time, never the (N, V) logits or their gradient
+        top, ids = _TopLogProbs.apply(backbone.final_norm(hidden), head.weight.detach(),
+                                      None if head.bias is None else head.bias.detach(), backbone.logit_softcap,
+                                      min(k + 1, head.weight.shape[0]), 64)
+    else:  # a quantized or wrapped output layer: the plain path
+        logits = backbone.lm_logits(hidden).float()  # (N, V)
+        top, ids = logits.topk(min(k + 1, logits.shape[-1]), dim=-1)
+        top = top - logsumexp(logits).unsqueeze(-1)
     log_probs = top[:, :k]
     p = log_probs.exp()
     rest = (1.0 - p.sum(-1)).clamp_min(1e-12)
     entropy = -(p * log_probs).sum(-1) - rest * rest.log()
     return (*less_next(top, ids, k), entropy)
+
+
+class _TopLogProbs(torch.autograd.Function):
+    """``log_softmax(softcap(normed @ W.T + b))``'s ``k`` largest values and their ids, ``chunk`` rows at a time.
+
+    The gradient of ``z_u - logsumexp(z)`` with respect to ``normed`` is ``s_u W_u - E_p[s W]`` (``s = 1 - (z /
+    cap)^2`` with soft-capping, else 1): the forward keeps only the expectation ``E_p[s W]`` per row, so neither
+    the (N, V) logits nor their gradient is ever held."""
+
+    @staticmethod
+    def forward(ctx, normed, weight, bias, softcap, k, chunk):
+        need = ctx.needs_input_grad[0]
+        tops, ids, scales = [], [], []
+        expected = torch.zeros(normed.shape, dtype=torch.float32, device=normed.device) if need else None
+        for a in range(0, normed.shape[0], chunk):
+            z = torch.nn.functional.linear(normed[a:a + chunk].to(weight.dtype), weight, bias).float()
+            if softcap:
+                z = torch.tanh(z / softcap) * softcap
+            top, idx = z.topk(k, dim=-1)
+            lse = logsumexp(z).unsqueeze(-1)
+            tops.append(top - lse)
+            ids.append(idx)
+            if need:
+                scale = 1 - (z / softcap) ** 2 if softcap else None
+                p = z.sub_(lse).clamp_min_(-80.0).exp_()  # the softmax (see logsumexp for the clamp)
+                if scale is not None:
+                    p.mul_(scale)
+                    scales.append(1 - (top / softcap) ** 2)
+                expected[a:a + chunk] = (p.to(weight.dtype) @ weight).float()
+        ids = torch.cat(ids)
+        ctx.mark_non_differentiable(ids)
+        if need:
+            ctx.save_for_backward(ids, expected, weight, torch.cat(scales) if scales else torch.empty(0))
+            ctx.chunk, ctx.dtype = chunk, normed.dtype
+        return torch.cat(tops), ids
+
+    @staticmethod
+    def backward(ctx, grad_top, _grad_ids):
+        ids, expected, weight, scales = ctx.saved_tensors
+        grad = grad_top.float() * scales if scales.numel() else grad_top.float()
+        out = -grad_top.float().sum(-1, keepdim=True) * expected
+        for a in range(0, ids.shape[0], ctx.chunk):
+            rows = weight[ids[a:a + ctx.chunk]].float()  # (R, k, H)
+            out[a:a + ctx.chunk] += torch.einsum("rk,rkh->rh", grad[a:a + ctx.chunk], rows)
+        return out.to(ctx.dtype), None, None, None, None, None
 
 
 _BRIDGES: dict[tuple, VocabBridge] = {}

@@ -131,3 +131,37 @@ def test_fast_logsumexp_equals_torchs_on_wide_logits():
     torch.testing.assert_close(logsumexp(x), torch.logsumexp(x, -1))
     assert logsumexp(x)[2] == float("-inf") and logsumexp(x)[3] == x[3, 0]
     torch.testing.assert_close(logsumexp(x.T, dim=0), torch.logsumexp(x, -1))
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_chunked_top_log_probs_equal_the_full_logits_path(softcap):
+    """`top_log_probs` through a plain output layer goes a chunk of rows at a time with its own backward; a wrapped
+    layer takes the plain path over the full logits: the same top-k, log-probabilities, entropy and gradients."""
+    import types
+
+    from fusion_llm.vocab_bridge import top_log_probs
+
+    class Wrapped(torch.nn.Linear):  # not exactly nn.Linear: the plain path
+        pass
+
+    torch.manual_seed(0)
+    n, h, v, k = 150, 16, 500, 7  # 150 rows: three chunks, the last one short
+    plain, wrapped = torch.nn.Linear(h, v), Wrapped(h, v)
+    wrapped.load_state_dict(plain.state_dict())
+    norm = torch.nn.LayerNorm(h)
+    x = torch.randn(n, h, requires_grad=True)
+    out = {}
+    for name, head in (("chunked", plain), ("full", wrapped)):
+        backbone = types.SimpleNamespace(lm_head=head, final_norm=norm, logit_softcap=softcap)
+        backbone.lm_logits = lambda hid, b=backbone: (lambda z: torch.tanh(z / softcap) * softcap if softcap else z)(
+            b.lm_head(b.final_norm(hid)))
+        top, ids, entropy = top_log_probs(backbone, x, k)
+        weights = torch.linspace(0.5, 1.5, k)
+        (top.clamp_min(-30) * weights).sum().add(entropy.sum()).backward()
+        out[name] = (top, ids, entropy, x.grad.clone())
+        x.grad = None
+    for a, b in zip(out["chunked"], out["full"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # scoring: no gradient work, the same values
+        top, _, _ = top_log_probs(types.SimpleNamespace(lm_head=plain, final_norm=norm, logit_softcap=softcap), x, k)
+    torch.testing.assert_close(top, out["full"][0], rtol=1e-4, atol=1e-5)
