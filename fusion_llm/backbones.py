@@ -27,6 +27,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from fusion_llm.config import BackboneSpec, ConfigError
+from fusion_llm.output_loss import mixed_rows, output_loss
 from fusion_llm.paths import cache_dir, sha256_file, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -282,8 +283,6 @@ class FrozenBackbone:
             hidden: (N, H) pre-norm hidden states; labels: (N,) ids, -100 where ignored.
             mix, corrections: see `fusion_llm.output_loss.output_loss`.
         """
-        from fusion_llm.output_loss import mixed_rows, output_loss
-
         head = self.lm_head
         if type(head) is not torch.nn.Linear:  # a quantized or wrapped output layer: the plain path
             logits = self.lm_logits(hidden).float()

@@ -79,22 +79,17 @@ def load_fused(head: str | Path, *, anchor_only: bool = False, device: str | Non
     """A saved LM head (``FusionModel.from_pretrained``) with its backbones; with ``anchor_only`` only the anchor
     loads, under a fresh head (`alone_model`). A folder without a saved head is a `ConfigError`."""
     from fusion_llm.backbones import load_backbone
-    from fusion_llm.config import FusionConfig
-    from fusion_llm.modeling import FusionModel
+    from fusion_llm.modeling import FusionModel, saved_config
 
     path = Path(head)
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"{path}: no saved fusion head here (config.json missing)")
     device_map = device if device and device != "cpu" else None
-    config = FusionConfig.from_pretrained(path)
+    config = saved_config(path)
     if config.head_spec.kind != "lm":
         raise ConfigError(f"{path}: a {config.head_spec.kind} head; the harness needs an LM head (head.kind: lm)")
     if not anchor_only:
         return FusionModel.from_pretrained(path, device_map=device_map)
     spec = next(s for s in config.backbone_specs if s.anchor)
     anchor = load_backbone(spec, with_lm_head=True, device_map=device_map)
-    if config.fingerprints is None:  # a saved head: no record is unverifiable, as in FusionModel.from_pretrained
-        config.fingerprints = {}
     FusionModel._check_fingerprint(config, anchor)  # the same identity check as a fused load
     return alone_model(anchor, config.shared_width)
 

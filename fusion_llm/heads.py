@@ -18,6 +18,7 @@ from fusion_llm.config import FusionConfig
 from fusion_llm.errors import ConfigError
 from fusion_llm.fusion import build_fusion
 from fusion_llm.member_lora import MemberLoRA, lora_modules
+from fusion_llm.output_loss import mixed_rows
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, kind: str = "last") -> torch.Tensor:
@@ -241,6 +242,4 @@ def mixed_logits(logits: torch.Tensor, mix: torch.Tensor,
         corrections: per source, ``(keys, values)``: distinct indices into the flattened (B * T, V) logits and
             the source's log-probabilities relative to the anchor's there (`FusionModel.source_corrections`).
     """
-    from fusion_llm.output_loss import mixed_rows
-
     return mixed_rows(logits.flatten(0, 1), mix.flatten(0, 1), corrections).view_as(logits)

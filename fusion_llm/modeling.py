@@ -16,8 +16,9 @@ from fusion_llm.errors import ConfigError
 from fusion_llm.generation import generate
 from fusion_llm.heads import FusionHead, FusionOutput, add_residual, mixed_logits, pool
 from fusion_llm.member_lora import detach
+from fusion_llm.output_loss import logsumexp
 from fusion_llm.paths import atomic_dir
-from fusion_llm.vocab_bridge import bridge_for, logsumexp, top_log_probs
+from fusion_llm.vocab_bridge import bridge_for, top_log_probs
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,24 @@ def own_token_loss(backbone: FrozenBackbone, last: torch.Tensor, src: dict[str, 
     n = int(settled.sum(1).max())
     labels = ids[:, 1:n].masked_fill(~(settled[:, 1:n] & settled[:, :n - 1]), -100)
     return backbone.lm_loss(last[:, :n - 1].flatten(0, 1), labels.flatten())
+
+
+def saved_config(path: Path) -> FusionConfig:
+    """The config of the head saved in ``path``; a missing or unreadable one is a `ConfigError` naming the file. A
+    saved head always records its backbones' identity: one without any record has ``fingerprints`` ``{}`` (nothing
+    verifiable, so refused by `FusionModel._check_fingerprint` unless asked), never None (a new head)."""
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{path}: no saved fusion head here (config.json missing)")
+    try:
+        config = FusionConfig.from_pretrained(path)
+    except ConfigError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise ConfigError(f"{path / 'config.json'}: not a readable head config ({str(err).splitlines()[0]}); "
+                          "the head is damaged: save or train it again") from None
+    if config.fingerprints is None:
+        config.fingerprints = {}
+    return config
 
 
 def check_head_weights(path: Path) -> None:
@@ -199,18 +218,8 @@ class FusionModel(nn.Module):
         so is one whose weights cannot be fingerprinted unless ``verify_weights=False``.
         """
         path = Path(path)
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"{path}: no saved fusion head here (config.json missing)")
-        try:
-            config = FusionConfig.from_pretrained(path)
-        except ConfigError:
-            raise
-        except (OSError, ValueError, TypeError, KeyError) as err:
-            raise ConfigError(f"{path / 'config.json'}: not a readable head config ({str(err).splitlines()[0]}); "
-                              "the head is damaged: save or train it again") from None
+        config = saved_config(path)
         check_head_weights(path / "model.safetensors")  # before any backbone loads
-        if config.fingerprints is None:  # a saved head always records its backbones' identity: none is unverifiable
-            config.fingerprints = {}
         backbones = backbones or cls.load_backbones(config, device_map)
         head = FusionHead.from_pretrained(path, config=config)
         return cls(config, backbones, head, verify_weights=verify_weights)

@@ -1,4 +1,5 @@
-"""The next-token loss through a frozen output layer, a few rows at a time, never holding the (N, V) logits.
+"""The next-token loss through a frozen output layer, a few rows at a time, never holding the (N, V) logits; and
+its top-k log-probabilities (`top_k_log_probs`, a source's predictions) the same way.
 
 Training an LM head over a 262k-token vocabulary (Gemma) spends most of a CPU step on the (N, V) tensors around
 the output layer, not on the backbones: the logits, their mix with the sources' predictions, the log-softmax, its
@@ -18,10 +19,19 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from fusion_llm.vocab_bridge import logsumexp
-
 # corrections(row_start, row_end, z) -> per source (keys, values): keys index the chunk's flattened (rows, V) logits
 Corrections = Callable[[int, int, torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]
+
+
+def logsumexp(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """``torch.logsumexp`` over ``dim``, several times faster on an LM's wide logits on CPU: torch's ``exp`` takes a
+    slow path for arguments below about -87 (results outside float32's normal range), which most of a 262k-token
+    vocabulary is, relative to its largest logit. Such terms are below 1.8e-35 of the largest one, so clamping
+    them there leaves every float32 sum as it was; a row of only ``-inf`` stays ``-inf``."""
+    top = x.amax(dim, keepdim=True)
+    safe = torch.where(top.isfinite(), top, torch.zeros_like(top))
+    out = (x - safe).clamp_min_(-80.0).exp_().sum(dim).log_() + safe.squeeze(dim)
+    return torch.where(top.squeeze(dim).isfinite(), out, top.squeeze(dim))
 
 
 def _logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None) -> torch.Tensor:
@@ -111,7 +121,7 @@ def output_loss(normed: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
 
     Returns:
         The loss, equal to ``cross_entropy(mixed_logits(...), labels, ignore_index=-100)`` up to float rounding
-        (terms below e^-80 of a row's total are taken at e^-80, as `fusion_llm.vocab_bridge.logsumexp` does).
+        (terms below e^-80 of a row's total are taken at e^-80, as `logsumexp` does).
     """
     return _OutputLoss.apply(normed, mix, weight.detach(), None if bias is None else bias.detach(), softcap,
                              labels, corrections, chunk)
@@ -131,3 +141,53 @@ def causal_lm_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     return output_loss(hidden[:, :-1].flatten(0, 1), head.weight, labels[:, 1:].flatten(), bias=head.bias,
                        softcap=softcap)
+
+
+class _TopLogProbs(torch.autograd.Function):
+    """``log_softmax(softcap(normed @ W.T + b))``'s ``k`` largest values and their ids, ``chunk`` rows at a time.
+
+    The gradient of ``z_u - logsumexp(z)`` with respect to ``normed`` is ``s_u W_u - E_p[s W]`` (``s = 1 - (z /
+    cap)^2`` with soft-capping, else 1): the forward keeps only the expectation ``E_p[s W]`` per row, so neither
+    the (N, V) logits nor their gradient is ever held."""
+
+    @staticmethod
+    def forward(ctx, normed, weight, bias, softcap, k, chunk):
+        need = ctx.needs_input_grad[0]
+        tops, ids, scales = [], [], []
+        expected = torch.zeros(normed.shape, dtype=torch.float32, device=normed.device) if need else None
+        for a in range(0, normed.shape[0], chunk):
+            z = _logits(normed[a:a + chunk], weight, bias, softcap)  # (R, V)
+            top, idx = z.topk(k, dim=-1)
+            lse = logsumexp(z).unsqueeze(-1)
+            tops.append(top - lse)
+            ids.append(idx)
+            if need:
+                scale = 1 - (z / softcap) ** 2 if softcap else None
+                p = z.sub_(lse).clamp_min_(-80.0).exp_()  # the softmax (see logsumexp for the clamp)
+                if scale is not None:
+                    p.mul_(scale)
+                    scales.append(1 - (top / softcap) ** 2)
+                expected[a:a + chunk] = (p.to(weight.dtype) @ weight).float()
+        ids = torch.cat(ids)
+        ctx.mark_non_differentiable(ids)
+        if need:
+            ctx.save_for_backward(ids, expected, weight, torch.cat(scales) if scales else torch.empty(0))
+            ctx.chunk, ctx.dtype = chunk, normed.dtype
+        return torch.cat(tops), ids
+
+    @staticmethod
+    def backward(ctx, grad_top, _grad_ids):
+        ids, expected, weight, scales = ctx.saved_tensors
+        grad = grad_top.float() * scales if scales.numel() else grad_top.float()
+        out = -grad_top.float().sum(-1, keepdim=True) * expected
+        for a in range(0, ids.shape[0], ctx.chunk):
+            rows = weight[ids[a:a + ctx.chunk]].float()  # (R, k, H)
+            out[a:a + ctx.chunk] += torch.einsum("rk,rkh->rh", grad[a:a + ctx.chunk], rows)
+        return out.to(ctx.dtype), None, None, None, None, None
+
+
+def top_k_log_probs(normed: torch.Tensor, weight: torch.Tensor, k: int, *, bias: torch.Tensor | None = None,
+                    softcap: float | None = None, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest log-probabilities (N, k) of a frozen output layer over ``normed`` (N, H) and their ids,
+    ``chunk`` rows at a time, with gradients to ``normed`` (`_TopLogProbs`)."""
+    return _TopLogProbs.apply(normed, weight.detach(), None if bias is None else bias.detach(), softcap, k, chunk)

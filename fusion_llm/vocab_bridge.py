@@ -32,6 +32,8 @@ import re
 
 import torch
 
+from fusion_llm.output_loss import logsumexp, top_k_log_probs
+
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
@@ -238,17 +240,6 @@ def less_next(top_log_probs: torch.Tensor, top_ids: torch.Tensor, k: int) -> tup
     return p.log(), top_ids[:, :k]
 
 
-def logsumexp(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """``torch.logsumexp`` over ``dim``, several times faster on an LM's wide logits on CPU: torch's ``exp`` takes a
-    slow path for arguments below about -87 (results outside float32's normal range), which most of a 262k-token
-    vocabulary is, relative to its largest logit. Such terms are below 1.8e-35 of the largest one, so clamping
-    them there leaves every float32 sum as it was; a row of only ``-inf`` stays ``-inf``."""
-    top = x.amax(dim, keepdim=True)
-    safe = torch.where(top.isfinite(), top, torch.zeros_like(top))
-    out = (x - safe).clamp_min_(-80.0).exp_().sum(dim).log_() + safe.squeeze(dim)
-    return torch.where(top.squeeze(dim).isfinite(), out, top.squeeze(dim))
-
-
 def top_log_probs(backbone, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A frozen LM's ``k`` most likely next tokens (through its own output layer, `FrozenBackbone.lm_logits`),
     each less the probability of the (k+1)-th (`less_next`).
@@ -263,9 +254,8 @@ def top_log_probs(backbone, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor,
     """
     head = backbone.lm_head
     if type(head) is torch.nn.Linear:  # a few rows at a time, never the (N, V) logits or their gradient
-        top, ids = _TopLogProbs.apply(backbone.final_norm(hidden), head.weight.detach(),
-                                      None if head.bias is None else head.bias.detach(), backbone.logit_softcap,
-                                      min(k + 1, head.weight.shape[0]), 64)
+        top, ids = top_k_log_probs(backbone.final_norm(hidden), head.weight, min(k + 1, head.weight.shape[0]),
+                                   bias=head.bias, softcap=backbone.logit_softcap)
     else:  # a quantized or wrapped output layer: the plain path
         logits = backbone.lm_logits(hidden).float()  # (N, V)
         top, ids = logits.topk(min(k + 1, logits.shape[-1]), dim=-1)
@@ -275,51 +265,6 @@ def top_log_probs(backbone, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor,
     rest = (1.0 - p.sum(-1)).clamp_min(1e-12)
     entropy = -(p * log_probs).sum(-1) - rest * rest.log()
     return (*less_next(top, ids, k), entropy)
-
-
-class _TopLogProbs(torch.autograd.Function):
-    """``log_softmax(softcap(normed @ W.T + b))``'s ``k`` largest values and their ids, ``chunk`` rows at a time.
-
-    The gradient of ``z_u - logsumexp(z)`` with respect to ``normed`` is ``s_u W_u - E_p[s W]`` (``s = 1 - (z /
-    cap)^2`` with soft-capping, else 1): the forward keeps only the expectation ``E_p[s W]`` per row, so neither
-    the (N, V) logits nor their gradient is ever held."""
-
-    @staticmethod
-    def forward(ctx, normed, weight, bias, softcap, k, chunk):
-        need = ctx.needs_input_grad[0]
-        tops, ids, scales = [], [], []
-        expected = torch.zeros(normed.shape, dtype=torch.float32, device=normed.device) if need else None
-        for a in range(0, normed.shape[0], chunk):
-            z = torch.nn.functional.linear(normed[a:a + chunk].to(weight.dtype), weight, bias).float()
-            if softcap:
-                z = torch.tanh(z / softcap) * softcap
-            top, idx = z.topk(k, dim=-1)
-            lse = logsumexp(z).unsqueeze(-1)
-            tops.append(top - lse)
-            ids.append(idx)
-            if need:
-                scale = 1 - (z / softcap) ** 2 if softcap else None
-                p = z.sub_(lse).clamp_min_(-80.0).exp_()  # the softmax (see logsumexp for the clamp)
-                if scale is not None:
-                    p.mul_(scale)
-                    scales.append(1 - (top / softcap) ** 2)
-                expected[a:a + chunk] = (p.to(weight.dtype) @ weight).float()
-        ids = torch.cat(ids)
-        ctx.mark_non_differentiable(ids)
-        if need:
-            ctx.save_for_backward(ids, expected, weight, torch.cat(scales) if scales else torch.empty(0))
-            ctx.chunk, ctx.dtype = chunk, normed.dtype
-        return torch.cat(tops), ids
-
-    @staticmethod
-    def backward(ctx, grad_top, _grad_ids):
-        ids, expected, weight, scales = ctx.saved_tensors
-        grad = grad_top.float() * scales if scales.numel() else grad_top.float()
-        out = -grad_top.float().sum(-1, keepdim=True) * expected
-        for a in range(0, ids.shape[0], ctx.chunk):
-            rows = weight[ids[a:a + ctx.chunk]].float()  # (R, k, H)
-            out[a:a + ctx.chunk] += torch.einsum("rk,rkh->rh", grad[a:a + ctx.chunk], rows)
-        return out.to(ctx.dtype), None, None, None, None, None
 
 
 _BRIDGES: dict[tuple, VocabBridge] = {}

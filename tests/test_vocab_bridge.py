@@ -121,7 +121,7 @@ def test_near_ties_at_the_edge_of_the_top_k_do_not_move_the_bridged_distribution
 def test_fast_logsumexp_equals_torchs_on_wide_logits():
     """The clamped `logsumexp` gives torch's value on logits spanning hundreds of nats, where most terms fall
     below float32's normal range, on rows with some or only ``-inf``, and at a single finite logit."""
-    from fusion_llm.vocab_bridge import logsumexp
+    from fusion_llm.output_loss import logsumexp
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(6, 50_000, generator=gen) * 60

@@ -71,22 +71,20 @@ def _lookahead(log_probs, tail_route, q, settled, ids, source_bytes, place, anch
     return p.clamp_min(1e-30).log(), beyond / total
 
 
-def lookahead_probe(out_dir: Path, *, weights=(0.25, 0.5), val_rows: int = 8, k: int = 256, log=print) -> dict:
-    from benchmarks.lm import real as R
+def lookahead_probe(out_dir: Path, texts: dict[str, list[str]], configs: dict, *, weights=(0.25, 0.5), k: int = 256,
+                    log=print) -> dict:
+    """``texts``: domain -> validation rows; ``configs``: anchor name -> the untrained fused model's `FusionConfig`
+    (two members, the prediction route; `benchmarks.lm.real.probe_configs`)."""
     from fusion_llm.alignment import align_batch, tail_attention_mask
     from fusion_llm.data.pipeline import LMCollator
     from fusion_llm.modeling import FusionModel
-    from fusion_llm.runconfig import build_run_config
     from fusion_llm.vocab_bridge import bridge_for, token_bytes
 
-    texts = R._texts("validation", val_rows)
+    val_rows = len(next(iter(texts.values())))
     out = {"val_rows": val_rows, "weights": list(weights), "top_k": k, "anchors": {},
            "date": dt.datetime.now().isoformat(timespec="seconds")}
-    for anchor_name in R.MEMBERS:
-        head = {**R.HEAD, "head": {**R.HEAD["head"], "source_predictions": True}, "shared_width": 64}
-        run = build_run_config({"model": {"backbones": R._backbone_dicts(anchor_name, R.MEMBERS, R.PRESETS["quick"]),
-                                          **head}})
-        model = FusionModel.from_config(run.fusion_config())
+    for anchor_name, config in configs.items():
+        model = FusionModel.from_config(config)
         anchor = model.anchor
         (source_name, source), = [(n, b) for n, b in model.backbones.items() if n != anchor.name]
         bridge = bridge_for(source, anchor)

@@ -538,6 +538,15 @@ def ablation(preset: str, out_dir: Path, *, anchor: str = "smol", log=print) -> 
     return out
 
 
+def probe_configs() -> dict:
+    """Per anchor, the untrained fused model of the real pair with the prediction route (the probes' model)."""
+    from fusion_llm.runconfig import build_run_config
+
+    head = {**HEAD, "head": {**HEAD["head"], "source_predictions": True}, "shared_width": 64}
+    return {anchor: build_run_config({"model": {"backbones": _backbone_dicts(anchor, MEMBERS, PRESETS["quick"]),
+                                                **head}}).fusion_config() for anchor in MEMBERS}
+
+
 def route_probe(out_dir: Path, *, weights=(0.0, 0.25, 0.5), val_rows: int = 8, log=print) -> dict:
     """Probe: the prediction route untrained. For each anchor, the other member's next-token distribution carried
     onto the anchor's vocabulary (`fusion_llm.vocab_bridge`) and mixed log-linearly at a fixed weight ``w``
@@ -545,16 +554,12 @@ def route_probe(out_dir: Path, *, weights=(0.0, 0.25, 0.5), val_rows: int = 8, l
     ``w = 0`` is the anchor alone. Writes ``real_route_probe.json``."""
     from fusion_llm.scoring import score_fused
     from fusion_llm.modeling import FusionModel
-    from fusion_llm.runconfig import build_run_config
 
-    p = PRESETS["quick"]
     texts = _texts("validation", val_rows)
     out = {"val_rows": val_rows, "weights": list(weights), "anchors": {},
            "date": dt.datetime.now().isoformat(timespec="seconds")}
-    for anchor in MEMBERS:
-        head = {**HEAD, "head": {**HEAD["head"], "source_predictions": True}, "shared_width": 64}
-        run = build_run_config({"model": {"backbones": _backbone_dicts(anchor, MEMBERS, p), **head}})
-        model = FusionModel.from_config(run.fusion_config())
+    for anchor, config in probe_configs().items():
+        model = FusionModel.from_config(config)
         rows = {}
         for w in weights:
             with torch.no_grad():
@@ -638,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.lookahead_probe:
             from benchmarks.lm.lookahead import lookahead_probe
 
-            lookahead_probe(out_dir)
+            lookahead_probe(out_dir, _texts("validation", 8), probe_configs())
         elif args.wallclock_lora:
             wallclock_lora(args.preset, out_dir)
         else:
