@@ -56,6 +56,26 @@ def test_task_arithmetic_adds_scaled_task_vectors(tiny_experts):
     _assert_close(merged, {k: base[k] + 0.5 * (a[k] - base[k]) + 0.5 * (b[k] - base[k]) for k in base})
 
 
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_normalised_dare_moves_the_base_by_the_mean_task_vector(tiny_experts, method):
+    """With every parameter kept (density 1), ``normalize`` divides the merged task vector by the summed weights (of
+    the experts whose sign won, for dare_ties); without it the task vectors add up (mergekit's default for dare_*,
+    which the grokking merge grids search beside the normalised merges)."""
+    _, states = tiny_experts
+    base, a, b = states["base"], states["a"], states["b"]
+    experts = {"a": a, "b": b}
+    normalised = merge_in_memory(experts, method, {"density": 1.0, "normalize": True}, base=base, seed=0)
+    summed = merge_in_memory(experts, method, {"density": 1.0, "normalize": False}, base=base, seed=0)
+    if method == "dare_linear":
+        _assert_close(normalised, {k: base[k] + ((a[k] - base[k]) + (b[k] - base[k])) / 2 for k in base})
+        _assert_close(summed, {k: base[k] + (a[k] - base[k]) + (b[k] - base[k]) for k in base})
+    for k in base:  # elected signs: each kept entry is divided by how many experts kept it (1 or 2)
+        if base[k].is_floating_point() and base[k].dim() > 0:
+            delta_n, delta_s = normalised[k] - base[k], summed[k] - base[k]
+            assert torch.all(delta_n.abs() <= delta_s.abs() + 1e-6), k
+            assert torch.all(delta_n.abs().max() <= (torch.stack([a[k], b[k]]) - base[k]).abs().max() + 1e-6), k
+
+
 def test_dare_is_reproducible_by_seed(tiny_experts):
     _, states = tiny_experts
     experts = {"a": states["a"], "b": states["b"]}

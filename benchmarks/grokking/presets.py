@@ -192,12 +192,16 @@ class ComparePreset:
         return dataclasses.asdict(self)
 
 
+# Densities across 0.1-0.9. ``normalize``: mergekit divides the merged task vector by the experts' summed weights, so
+# a normalised merge moves the base by at most one mean task vector (``ties`` normalises by default; ``dare_ties`` and
+# ``dare_linear`` do not, so without it they add up all four task vectors); task_arithmetic's weight 0.25 is the
+# normalised sum of four.
 QUICK_GRID = {
     "linear": {"weight": _UNIFORM_AND_ONE_UP},
     "task_arithmetic": {"weight": [0.25, 0.5, 1.0]},
-    "ties": {"density": [0.2, 0.5, 0.8], "lambda": [1.0, 2.0]},
-    "dare_ties": {"density": [0.2, 0.5, 0.8], "lambda": [1.0, 2.0]},
-    "dare_linear": {"density": [0.2, 0.5, 0.8], "weight": [0.5, 1.0]},
+    "ties": {"density": [0.1, 0.3, 0.5, 0.7, 0.9], "lambda": [1.0, 2.0]},
+    "dare_ties": {"density": [0.1, 0.3, 0.5, 0.7, 0.9], "normalize": [True, False], "lambda": [1.0, 2.0]},
+    "dare_linear": {"density": [0.1, 0.3, 0.5, 0.7, 0.9], "normalize": [True, False], "weight": [0.5, 1.0]},
 }
 
 FULL_GRID = {
@@ -205,8 +209,9 @@ FULL_GRID = {
                                                  for i in range(len(TASKS))]},
     "task_arithmetic": {"weight": [0.1, 0.25, 0.4, 0.55, 0.7, 0.85, 1.0]},
     "ties": {"density": [0.1, 0.3, 0.5, 0.7, 0.9], "lambda": [0.5, 1.0, 1.5, 2.0]},
-    "dare_ties": {"density": [0.1, 0.3, 0.5, 0.7, 0.9], "lambda": [0.5, 1.0, 1.5, 2.0]},
-    "dare_linear": {"density": [0.1, 0.3, 0.5, 0.7, 0.9], "weight": [0.25, 0.5, 0.75, 1.0]},
+    "dare_ties": {"density": [0.1, 0.3, 0.5, 0.7, 0.9], "normalize": [True, False], "lambda": [0.5, 1.0, 1.5, 2.0]},
+    "dare_linear": {"density": [0.1, 0.3, 0.5, 0.7, 0.9], "normalize": [True, False],
+                    "weight": [0.25, 0.5, 0.75, 1.0]},
 }
 
 MICRO_GRID = {
