@@ -87,17 +87,20 @@ def token_model_record(ctx: Context, model, group: str, *, training: dict | None
                        flops_per_update=training["flops_per_update"] if training else None)
 
 
-def train_token_model(ctx: Context, seed: int, model, tasks: tuple[str, ...], schedule) -> dict:
-    """Train a causal LM on the training rows of ``tasks`` (answer position only), probing those tasks."""
-    train, val = ctx.splits["train"], ctx.splits["validation"]
+def train_token_model(ctx: Context, seed: int, model, tasks: tuple[str, ...], schedule, probe_split: str = "validation"
+                      ) -> dict:
+    """Train a causal LM on the training rows of ``tasks`` (answer position only), probing those tasks on
+    ``probe_split`` (the validation probe rows; ``holdout``: every holdout row, for choosing a recipe)."""
+    train, probed = ctx.splits["train"], ctx.splits[probe_split]
     rows = torch.cat([train.task_indices(t) for t in tasks])
+    probe_rows = ctx.probe_rows if probe_split == "validation" else ctx.holdout_rows
 
     def batch_logits(drawn):
         picked = rows[drawn]
         return answer_logits(model, train.input_ids[picked]), train.labels[picked]
 
     def probe():
-        return evaluate(_logits_on(ctx, model)("validation"), val.labels, {t: ctx.probe_rows[t] for t in tasks})
+        return evaluate(_logits_on(ctx, model)(probe_split), probed.labels, {t: probe_rows[t] for t in tasks})
 
     return fit(model, batch_logits, len(rows), schedule, seed, probe, ctx.log)
 

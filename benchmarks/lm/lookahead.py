@@ -15,6 +15,7 @@ at fixed weights, scored on validation rows (nothing is chosen on test rows). Wr
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import math
 from pathlib import Path
@@ -72,9 +73,10 @@ def _lookahead(log_probs, tail_route, q, settled, ids, source_bytes, place, anch
 
 
 def lookahead_probe(out_dir: Path, texts: dict[str, list[str]], configs: dict, *, weights=(0.25, 0.5), k: int = 256,
-                    log=print) -> dict:
+                    log=print, filename: str = "real_lookahead_probe.json") -> dict:
     """``texts``: domain -> validation rows; ``configs``: anchor name -> the untrained fused model's `FusionConfig`
-    (two members, the prediction route; `benchmarks.lm.real.probe_configs`)."""
+    (two members, the prediction route; `benchmarks.lm.real.probe_configs`). ``k``: the source tokens both routes
+    carry per position (the tail route's top-k, `head.source_top_k`, and the look-ahead's candidates)."""
     from fusion_llm.alignment import align_batch, tail_attention_mask
     from fusion_llm.data.pipeline import LMCollator
     from fusion_llm.modeling import FusionModel
@@ -87,7 +89,8 @@ def lookahead_probe(out_dir: Path, texts: dict[str, list[str]], configs: dict, *
         model = FusionModel.from_config(config)
         anchor = model.anchor
         (source_name, source), = [(n, b) for n, b in model.backbones.items() if n != anchor.name]
-        bridge = bridge_for(source, anchor)
+        bridge = copy.copy(bridge_for(source, anchor))  # the same tables, this probe's top-k
+        bridge.top_k = k
         source_bytes = token_bytes(source.tokenizer) + [None] * source.lm_head.weight.shape[0]
         place = _Placer(token_bytes(anchor.tokenizer) + [None] * anchor.lm_head.weight.shape[0])
         collate = LMCollator(anchor.name, {n: b.tokenizer.pad_token_id for n, b in model.backbones.items()})
@@ -137,5 +140,5 @@ def lookahead_probe(out_dir: Path, texts: dict[str, list[str]], configs: dict, *
         log(f"[lookahead] {anchor_name} anchor: mean source mass on tokens past the prefix "
             f"{beyond / max(1, positions):.3f} over {positions} positions with a tail")
         del model
-    write_json_atomic(Path(out_dir) / "real_lookahead_probe.json", out)
+    write_json_atomic(Path(out_dir) / filename, out)
     return out

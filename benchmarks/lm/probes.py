@@ -10,16 +10,28 @@ It is split by the kind of anchor position (the boundary effect): where the next
 (whitespace or punctuation first) and where it continues one, so the source sees a prefix cut inside a word
 that its own tokenizer would not have cut there.
 
-Writes ``<out>/lm_probes.json`` and prints a table.
+``--top-k K``: the source tokens the route carries per position (the model's ``head.source_top_k``, default 256).
+``--lookahead``: the look-ahead probe of the real pair (`benchmarks.lm.lookahead`) on the stand-ins instead: the
+Mistral anchor with one specialist (Llama-3 on Shakespeare, Gemma-2 on prose), the tail route and the look-ahead
+mixed at fixed weights (1.0: the route alone), on ``--rows`` *validation* rows, beside the specialist on its own
+tokens.
+
+Budget curves (``--budget-curve``): the fused model (the track's hidden-state head) and the LoRA control on the
+anchor (rank matched to the head's parameters), each trained afresh at several step counts (same rows, batch,
+schedule and rates as the track) and at several head widths, scored on the validation rows (mixture and per
+domain): where, if anywhere, do they cross? Trains in worker processes (``--workers``, one torch thread each).
+
+Writes ``<out>/lm_probes.json`` (``lm_budget_curve.json`` for the curves) and prints a table.
 """
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 
 import torch
+
+from benchmarks.store import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,7 +65,7 @@ def position_nll(model, texts: list[str]) -> tuple[list[float], list[bool], int]
     return nll, word_start, sum(len(t.encode()) for t in texts)
 
 
-def route_probe(rows: int, log=print) -> dict:
+def route_probe(rows: int, log=print, top_k: int = 256) -> dict:
     from benchmarks.lm import track as L
 
     from fusion_llm.config import FusionConfig
@@ -68,7 +80,7 @@ def route_probe(rows: int, log=print) -> dict:
     specs = [L.backbone_spec(name, dirs[f"{family}-{domain}"], preset, name == L.ANCHOR)
              for name, family, domain in L.BACKBONES]
     config = FusionConfig(backbones=[s.to_dict() for s in specs], **{
-        **L.FUSION_MODEL, "head": {**L.FUSION_MODEL["head"], "source_predictions": True}})
+        **L.FUSION_MODEL, "head": {**L.FUSION_MODEL["head"], "source_predictions": True, "source_top_k": top_k}})
     model = FusionModel(config, loaded)
     order = [n for n in model.backbones if n != L.ANCHOR]
     out = {}
@@ -89,7 +101,7 @@ def route_probe(rows: int, log=print) -> dict:
             return {kind: bits([v for v, s in zip(values, starts) if s == flag])
                     for kind, flag in (("word_start", True), ("inside_word", False))}
 
-        out[source] = {"domain": domain, "rows": len(sample), "own_tokens": own.bits_per_byte,
+        out[source] = {"domain": domain, "rows": len(sample), "top_k": top_k, "own_tokens": own.bits_per_byte,
                        "routed_alone": bits(routed), "anchor_alone": bits(anchor_nll),
                        "routed_by_position": split(routed), "anchor_by_position": split(anchor_nll),
                        "share_inside_word": 1 - sum(starts) / len(starts)}
@@ -102,10 +114,96 @@ def route_probe(rows: int, log=print) -> dict:
     return out
 
 
+def lookahead_standins(out: Path, rows: int, top_k: int, log=print) -> dict:
+    """The look-ahead probe (`benchmarks.lm.lookahead.lookahead_probe`) for each stand-in specialist."""
+    from benchmarks.lm import track as L
+    from benchmarks.lm.lookahead import lookahead_probe
+    from fusion_llm.config import FusionConfig
+    from fusion_llm.scoring import backbone_logits_fn, score_causal_lm
+
+    preset = L.get_preset("quick")
+    dirs = L.pretrain_all(preset, lambda *a: None)
+    family = {name: f"{f}-{d}" for name, f, d in L.BACKBONES}
+    validation = L.eval_texts(preset, "validation")
+    head = {**L.FUSION_MODEL, "head": {**L.FUSION_MODEL["head"], "source_predictions": True, "source_top_k": top_k}}
+    out_rows = {}
+    for source, domain in SPECIALISTS[:2]:
+        specs = [L.backbone_spec(n, dirs[family[n]], preset, n == L.ANCHOR) for n in (L.ANCHOR, source)]
+        config = FusionConfig(backbones=[s.to_dict() for s in specs], **head)
+        texts = {domain: validation[domain][:rows]}
+        result = lookahead_probe(out, texts, {L.ANCHOR: config}, weights=(0.5, 1.0), k=top_k, log=log,
+                                 filename=f"lm_lookahead_{source}_top{top_k}.json")
+        specialist = L.load_lm(source, dirs[family[source]], preset)
+        own = score_causal_lm(backbone_logits_fn(specialist), specialist.tokenizer, texts[domain])
+        out_rows[source] = {"domain": domain, "own_tokens": own.bits_per_byte, **result["anchors"][L.ANCHOR]}
+        log(f"[lookahead] {source} on its own tokens ({domain}): {own.bits_per_byte:.4f}")
+    return {"top_k": top_k, "rows": rows, "split": "validation", "specialists": out_rows}
+
+
+def _curve_point(kind: str, steps: int, width: int, cache: str, threads: int) -> dict:
+    """One point of the budget curves, in a worker process: train (or reuse) and score on the validation rows. The
+    LoRA control's rank matches the parameters of the fused head of the same width (counted without training it)."""
+    import dataclasses
+
+    from benchmarks.lm import track as L
+    from benchmarks.lm.real import _quiet
+    from fusion_llm.modeling import FusionModel
+    from fusion_llm.scoring import hf_logits_fn, score_causal_lm, score_fused
+
+    _quiet(threads)
+    preset = dataclasses.replace(L.get_preset("quick"), head_steps=steps)
+    dirs = L.pretrain_all(preset, lambda *a: None)
+    texts = L.eval_texts(preset, "validation")
+    spec = {**L.FUSION_MODEL, "shared_width": width}
+    if kind == "fused":
+        head_dir, summary = L.train_fused(preset, dirs, Path(cache), True, lambda *a: None, model=spec)
+        loaded = {name: L.load_lm(name, dirs[f"{family}-{domain}"], preset, anchor=(name == L.ANCHOR))
+                  for name, family, domain in L.BACKBONES}
+        model = FusionModel.from_pretrained(head_dir, backbones=loaded)
+        scores = {d: score_fused(model, t) for d, t in texts.items()}
+        params, seconds = sum(x.numel() for x in model.head.parameters()), summary.get("train_seconds")
+    else:
+        untrained = FusionModel.from_config(L.fused_run_config(preset, dirs, Path(cache) / "unused", spec).fusion_config())
+        target = sum(x.numel() for x in untrained.head.parameters())
+        tokenizer = untrained.anchor.tokenizer
+        del untrained
+        peft_model, info = L.train_lora(preset, dirs["mistral-code"], target, Path(cache), True, lambda *a: None)
+        fn = hf_logits_fn(peft_model)
+        scores = {d: score_causal_lm(fn, tokenizer, t, max_positions=1024) for d, t in texts.items()}
+        params, seconds = info["trainable_params"], info["train_seconds"]
+    entry = L._entry(f"{kind} {steps} steps, width {width}", kind, scores)
+    return {"kind": kind, "steps": steps, "width": width, "trainable_params": params, "train_seconds": seconds,
+            "bits_per_byte": entry["bits_per_byte"]}
+
+
+def budget_curve(cache: Path, steps=(100, 300, 900), widths=(32, 64, 128), workers: int = 2, log=print) -> dict:
+    """Fused vs LoRA against head steps (at the track's width 64) and against head width (at 300 steps)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    points = sorted({(k, s, 64) for k in ("fused", "lora") for s in steps}
+                    | {(k, 300, w) for k in ("fused", "lora") for w in widths},
+                    key=lambda p: (-p[1] * (4 if p[0] == "fused" else 1), p))  # longest first
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_curve_point, *point, str(cache), 1) for point in points]
+        rows = [f.result() for f in futures]
+    rows.sort(key=lambda r: (r["width"], r["steps"], r["kind"]))
+    for r in rows:
+        log(f"{r['kind']:5s} steps {r['steps']:4d} width {r['width']:3d} ({r['trainable_params']:,} trainable, "
+            f"{r['train_seconds']:.0f}s): " + ", ".join(f"{d} {v:.3f}" for d, v in r["bits_per_byte"].items()))
+    return {"split": "validation", "points": rows}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=12, help="test rows per domain")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--top-k", type=int, default=256, help="source tokens the prediction route carries")
+    parser.add_argument("--budget-curve", action="store_true",
+                        help="fused vs LoRA against head steps and head width instead of the route probe")
+    parser.add_argument("--workers", type=int, default=2, help="(--budget-curve) worker processes")
+    parser.add_argument("--lookahead", action="store_true",
+                        help="the look-ahead probe on the stand-in specialists (validation rows) instead")
     parser.add_argument("--out", default=str(ROOT / "results" / "compare_merges" / "quick"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -113,10 +211,16 @@ def main(argv=None) -> int:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    results = {"prediction_route": route_probe(args.rows)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "lm_probes.json").write_text(json.dumps(results, indent=1))
+    if args.lookahead:
+        write_json_atomic(out / f"lm_lookahead_top{args.top_k}.json", lookahead_standins(out, args.rows, args.top_k))
+        return 0
+    if args.budget_curve:
+        write_json_atomic(out / "lm_budget_curve.json", budget_curve(out / "cache" / "lm", workers=args.workers))
+        return 0
+    results = {"prediction_route": route_probe(args.rows, top_k=args.top_k)}
+    write_json_atomic(out / f"lm_probes{'' if args.top_k == 256 else f'_top{args.top_k}'}.json", results)
     return 0
 
 
