@@ -16,6 +16,12 @@ Mistral anchor with one specialist (Llama-3 on Shakespeare, Gemma-2 on prose), t
 mixed at fixed weights (1.0: the route alone), on ``--rows`` *validation* rows, beside the specialist on its own
 tokens.
 
+Route mix (``--route-mix``): the track's trained fused model (hidden-state head; trained here or read from the track's
+cache under ``--out``) mixed log-linearly with each member's prediction route at ``--top-k`` and *fixed* weights,
+one per member for every position and domain, chosen on the validation rows from a grid and then scored on the test
+rows: what a wide route adds to the trained model before any mixer is trained (a trained mixer can only choose its
+weights per position on top of this).
+
 Budget curves (``--budget-curve``): the fused model (the track's hidden-state head) and the LoRA control on the
 anchor (rank matched to the head's parameters), each trained afresh at several step counts (same rows, batch,
 schedule and rates as the track) and at several head widths, scored on the validation rows (mixture and per
@@ -140,6 +146,86 @@ def lookahead_standins(out: Path, rows: int, top_k: int, log=print) -> dict:
     return {"top_k": top_k, "rows": rows, "split": "validation", "specialists": out_rows}
 
 
+def _route_logprobs(model, text: str, top_k: int) -> tuple[torch.Tensor, dict, torch.Tensor, int]:
+    """One row: the fused model's next-token log-probabilities (T, V), each source's route onto them (`VocabBridge`
+    at ``top_k``; the anchor's distribution where a source has no position yet), the labels (T,) and the bytes."""
+    import copy
+
+    from fusion_llm.alignment import align_batch, tail_attention_mask
+    from fusion_llm.data.pipeline import LMCollator
+    from fusion_llm.vocab_bridge import bridge_for
+
+    anchor = model.anchor
+    sources = {n: b for n, b in model.backbones.items() if n != anchor.name}
+    aligned = align_batch([text], anchor.tokenizer, {n: b.tokenizer for n, b in sources.items()}, tails=True)
+    batch = LMCollator(anchor.name, {n: b.tokenizer.pad_token_id for n, b in model.backbones.items()})(
+        [{c: v[0] for c, v in aligned.items()}])
+    with torch.no_grad():
+        logits = model.lm_forward(batch["inputs"], batch["alignment"], batch["labels"]).logits[0].float()
+        fused = torch.log_softmax(logits, -1)
+        routes = {}
+        for name, source in sources.items():
+            src = batch["inputs"][name]
+            hidden = source.taps(src["input_ids"], tail_attention_mask(src["tail_group"], src["tail_ctx"]),
+                                 layers=[source.spec.num_hidden_layers], position_ids=src["position_ids"])[-1][0]
+            index = batch["alignment"][name][0]
+            source_lps = torch.log_softmax(source.lm_logits(hidden[index.clamp_min(0)]).float(), -1)
+            bridge = copy.copy(bridge_for(source, anchor))
+            bridge.top_k = top_k
+            route = bridge.log_probs(source_lps, fused)
+            routes[name] = torch.where((index >= 0).unsqueeze(-1), route, fused)
+    return fused, routes, batch["labels"][0], len(text.encode())
+
+
+def route_mix(out: Path, rows: int, top_k: int, grid=(0.0, 0.25, 0.5, 0.75), log=print) -> dict:
+    """The trained fused model mixed with each member's route at fixed weights chosen on validation rows."""
+    import itertools
+
+    from benchmarks.lm import track as L
+    from fusion_llm.modeling import FusionModel
+
+    preset = L.get_preset("quick")
+    dirs = L.pretrain_all(preset, lambda *a: None)
+    head_dir, _ = L.train_fused(preset, dirs, out / "cache" / "lm", True, log)
+    loaded = {name: L.load_lm(name, dirs[f"{family}-{domain}"], preset, anchor=(name == L.ANCHOR))
+              for name, family, domain in L.BACKBONES}
+    model = FusionModel.from_pretrained(head_dir, backbones=loaded)
+    names = [n for n in model.backbones if n != L.ANCHOR]
+    combos = [w for w in itertools.product(grid, repeat=len(names)) if sum(w) < 1.0]
+    nll = {split: {d: torch.zeros(len(combos), dtype=torch.float64) for d in L.DOMAINS} for split in ("validation", "test")}
+    size = {split: dict.fromkeys(L.DOMAINS, 0) for split in nll}
+    for split in nll:
+        for domain, texts in L.eval_texts(preset, split).items():
+            for text in texts[:rows]:
+                fused, routes, labels, n_bytes = _route_logprobs(model, text, top_k)
+                keep = labels >= 0
+                stack = torch.stack([fused] + [routes[n] for n in names])[:, keep]  # (1 + S, T', V)
+                y = labels[keep]
+                for c, w in enumerate(combos):
+                    weights = torch.tensor([1.0 - sum(w), *w]).view(-1, 1, 1)
+                    mixed = (weights * stack).sum(0)
+                    lp = mixed.gather(1, y.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(mixed, -1)
+                    nll[split][domain][c] -= float(lp.sum())
+                size[split][domain] += n_bytes
+        log(f"[route-mix] {split} rows scored")
+
+    def bits(split, c):
+        per = {d: float(nll[split][d][c]) / math.log(2) / size[split][d] for d in L.DOMAINS}
+        return {**per, "mixture": sum(float(nll[split][d][c]) for d in L.DOMAINS) / math.log(2)
+                / sum(size[split].values())}
+
+    best = min(range(len(combos)), key=lambda c: bits("validation", c)["mixture"])
+    none = combos.index(tuple(0.0 for _ in names))
+    out_row = {"top_k": top_k, "rows": rows, "grid": list(grid), "members": names,
+               "chosen_weights": dict(zip(names, combos[best])), "chosen_on": "validation mixture",
+               "fused_alone": {"validation": bits("validation", none), "test": bits("test", none)},
+               "fused_with_routes": {"validation": bits("validation", best), "test": bits("test", best)}}
+    for key in ("fused_alone", "fused_with_routes"):
+        log(f"[route-mix] {key} (weights {out_row['chosen_weights'] if key != 'fused_alone' else 'none'}), test: "
+            + ", ".join(f"{d} {v:.3f}" for d, v in out_row[key]["test"].items()))
+    return out_row
+
+
 def _curve_point(kind: str, steps: int, width: int, cache: str, threads: int) -> dict:
     """One point of the budget curves, in a worker process: train (or reuse) and score on the validation rows. The
     LoRA control's rank matches the parameters of the fused head of the same width (counted without training it)."""
@@ -202,6 +288,8 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-curve", action="store_true",
                         help="fused vs LoRA against head steps and head width instead of the route probe")
     parser.add_argument("--workers", type=int, default=2, help="(--budget-curve) worker processes")
+    parser.add_argument("--route-mix", action="store_true",
+                        help="the trained fused model mixed with each member's route at weights chosen on validation")
     parser.add_argument("--lookahead", action="store_true",
                         help="the look-ahead probe on the stand-in specialists (validation rows) instead")
     parser.add_argument("--out", default=str(ROOT / "results" / "compare_merges" / "quick"))
@@ -213,6 +301,9 @@ def main(argv=None) -> int:
     hf_logging.disable_progress_bar()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.route_mix:
+        write_json_atomic(out / f"lm_route_mix_top{args.top_k}.json", route_mix(out, args.rows, args.top_k))
+        return 0
     if args.lookahead:
         write_json_atomic(out / f"lm_lookahead_top{args.top_k}.json", lookahead_standins(out, args.rows, args.top_k))
         return 0
