@@ -216,12 +216,23 @@ def route_mix(out: Path, rows: int, top_k: int, grid=(0.0, 0.25, 0.5, 0.75), log
 
     best = min(range(len(combos)), key=lambda c: bits("validation", c)["mixture"])
     none = combos.index(tuple(0.0 for _ in names))
+    # Weights per domain (each chosen on that domain's validation rows): what a mixer that recognises the domain from
+    # the text could reach with fixed weights; the domain label itself is never an input of the model.
+    per_domain = {d: min(range(len(combos)), key=lambda c: bits("validation", c)[d]) for d in L.DOMAINS}
+    by_domain = {split: {d: bits(split, per_domain[d])[d] for d in L.DOMAINS} for split in nll}
+    for split, row in by_domain.items():
+        row["mixture"] = (sum(float(nll[split][d][per_domain[d]]) for d in L.DOMAINS) / math.log(2)
+                          / sum(size[split].values()))
     out_row = {"top_k": top_k, "rows": rows, "grid": list(grid), "members": names,
                "chosen_weights": dict(zip(names, combos[best])), "chosen_on": "validation mixture",
                "fused_alone": {"validation": bits("validation", none), "test": bits("test", none)},
-               "fused_with_routes": {"validation": bits("validation", best), "test": bits("test", best)}}
-    for key in ("fused_alone", "fused_with_routes"):
-        log(f"[route-mix] {key} (weights {out_row['chosen_weights'] if key != 'fused_alone' else 'none'}), test: "
+               "fused_with_routes": {"validation": bits("validation", best), "test": bits("test", best)},
+               "weights_by_domain": {d: dict(zip(names, combos[c])) for d, c in per_domain.items()},
+               "fused_with_routes_by_domain": by_domain}
+    for key in ("fused_alone", "fused_with_routes", "fused_with_routes_by_domain"):
+        weights = {"fused_alone": "none", "fused_with_routes": out_row["chosen_weights"],
+                   "fused_with_routes_by_domain": out_row["weights_by_domain"]}[key]
+        log(f"[route-mix] {key} (weights {weights}), test: "
             + ", ".join(f"{d} {v:.3f}" for d, v in out_row[key]["test"].items()))
     return out_row
 
