@@ -52,7 +52,7 @@ def reference(bridge, source, anchor, source_lp, anchor_lp, v):
             continue
         first = max(spelled, key=lambda w: (len(ab[w]), -w))  # the longest; the lowest id among equal bytes
         extended = [w for w, c in enumerate(ab) if c and c.startswith(b)] if ab[first] == b else []
-        if 1 < len(extended) <= bridge.anchor_extensions.shape[1]:
+        if 1 < len(extended) <= bridge.max_extensions:
             total += p * p_anchor[v] / sum(p_anchor[w] for w in extended) if v in extended else 0.0
         elif v == first:
             total += p
@@ -71,9 +71,11 @@ def test_bridge_matches_its_definition(tokenizers):
     rng = random.Random(0)
     words = [anchor.convert_tokens_to_ids(t) for t in ("▁the", "▁theory", "s", "▁")]
     picks = words + rng.sample(range(300, bridge.anchor_size - 800), 6)
-    for v in picks:
-        assert got[0, v].item() == pytest.approx(reference(bridge, source, anchor, source_lp[0], anchor_lp[0], v),
-                                                 abs=1e-4), anchor.convert_ids_to_tokens(v)
+    for row in (0, 1):  # each row's mass lands in its own row
+        for v in picks:
+            assert got[row, v].item() == pytest.approx(
+                reference(bridge, source, anchor, source_lp[row], anchor_lp[row], v), abs=1e-4), \
+                (row, anchor.convert_ids_to_tokens(v))
     special = anchor.bos_token_id
     assert got[0, special] == anchor_lp[0, special]  # no bytes: the anchor's own
 
