@@ -210,11 +210,14 @@ class VocabBridge:
         lost = self.first_anchor[top_ids] == self.anchor_size  # no anchor token spells its start
         return (1.0 - top_p.sum(-1) + (top_p * lost).sum(-1)).clamp_min(self.min_rest)
 
-    def log_probs(self, source_log_probs: torch.Tensor, anchor_log_probs: torch.Tensor) -> torch.Tensor:
+    def log_probs(self, source_log_probs: torch.Tensor, anchor_log_probs: torch.Tensor,
+                  top_k: int | None = None) -> torch.Tensor:
         """``log p(v)`` itself (N, V_anchor), from full (N, V_src) source log-probabilities: the anchor's
-        log-probabilities + log(rest) + the correction (for inspection and tests)."""
+        log-probabilities + log(rest) + the correction (for inspection, tests and probes; ``top_k``: the source
+        tokens carried, default the bridge's)."""
+        k = top_k or self.top_k
         source = source_log_probs[:, : self.source_size].float()
-        top, ids = less_next(*source.topk(min(self.top_k + 1, self.source_size), -1), self.top_k)
+        top, ids = less_next(*source.topk(min(k + 1, self.source_size), -1), k)
         rest = self.rest(top, ids)
         correction = self.correction(top, ids, anchor_log_probs.float())
         mapped = anchor_log_probs.float() + rest.log().unsqueeze(-1) + correction

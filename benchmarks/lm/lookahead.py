@@ -15,7 +15,6 @@ at fixed weights, scored on validation rows (nothing is chosen on test rows). Wr
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 import math
 from pathlib import Path
@@ -89,8 +88,7 @@ def lookahead_probe(out_dir: Path, texts: dict[str, list[str]], configs: dict, *
         model = FusionModel.from_config(config)
         anchor = model.anchor
         (source_name, source), = [(n, b) for n, b in model.backbones.items() if n != anchor.name]
-        bridge = copy.copy(bridge_for(source, anchor))  # the same tables, this probe's top-k
-        bridge.top_k = k
+        bridge = bridge_for(source, anchor)
         source_bytes = token_bytes(source.tokenizer) + [None] * source.lm_head.weight.shape[0]
         place = _Placer(token_bytes(anchor.tokenizer) + [None] * anchor.lm_head.weight.shape[0])
         collate = LMCollator(anchor.name, {n: b.tokenizer.pad_token_id for n, b in model.backbones.items()})
@@ -119,7 +117,7 @@ def lookahead_probe(out_dir: Path, texts: dict[str, list[str]], configs: dict, *
                     a = align[t]
                     routes = {"tail": lp, "lookahead": lp}  # no source position yet: the anchor alone
                     if a >= 0:
-                        tail = bridge.log_probs(source_lps[a:a + 1], lp.unsqueeze(0))[0]
+                        tail = bridge.log_probs(source_lps[a:a + 1], lp.unsqueeze(0), top_k=k)[0]
                         routes = {"tail": tail, "lookahead": tail}
                         if group[a] >= 0:
                             q = [i for i in range(a + 1) if group[i] == group[a]]

@@ -81,8 +81,7 @@ def route_probe(rows: int, log=print, top_k: int = 256) -> dict:
     preset = L.get_preset("quick")
     dirs = L.pretrain_all(preset, lambda *a: None)
     texts = L.eval_texts(preset)
-    loaded = {name: L.load_lm(name, dirs[f"{family}-{domain}"], preset, anchor=(name == L.ANCHOR))
-              for name, family, domain in L.BACKBONES}
+    loaded = L.load_members(dirs, preset)
     specs = [L.backbone_spec(name, dirs[f"{family}-{domain}"], preset, name == L.ANCHOR)
              for name, family, domain in L.BACKBONES]
     config = FusionConfig(backbones=[s.to_dict() for s in specs], **{
@@ -149,8 +148,6 @@ def lookahead_standins(out: Path, rows: int, top_k: int, log=print) -> dict:
 def _route_logprobs(model, text: str, top_k: int) -> tuple[torch.Tensor, dict, torch.Tensor, int]:
     """One row: the fused model's next-token log-probabilities (T, V), each source's route onto them (`VocabBridge`
     at ``top_k``; the anchor's distribution where a source has no position yet), the labels (T,) and the bytes."""
-    import copy
-
     from fusion_llm.alignment import align_batch, tail_attention_mask
     from fusion_llm.data.pipeline import LMCollator
     from fusion_llm.vocab_bridge import bridge_for
@@ -170,9 +167,7 @@ def _route_logprobs(model, text: str, top_k: int) -> tuple[torch.Tensor, dict, t
                                  layers=[source.spec.num_hidden_layers], position_ids=src["position_ids"])[-1][0]
             index = batch["alignment"][name][0]
             source_lps = torch.log_softmax(source.lm_logits(hidden[index.clamp_min(0)]).float(), -1)
-            bridge = copy.copy(bridge_for(source, anchor))
-            bridge.top_k = top_k
-            route = bridge.log_probs(source_lps, fused)
+            route = bridge_for(source, anchor).log_probs(source_lps, fused, top_k=top_k)
             routes[name] = torch.where((index >= 0).unsqueeze(-1), route, fused)
     return fused, routes, batch["labels"][0], len(text.encode())
 
@@ -187,8 +182,7 @@ def route_mix(out: Path, rows: int, top_k: int, grid=(0.0, 0.25, 0.5, 0.75), log
     preset = L.get_preset("quick")
     dirs = L.pretrain_all(preset, lambda *a: None)
     head_dir, _ = L.train_fused(preset, dirs, out / "cache" / "lm", True, log)
-    loaded = {name: L.load_lm(name, dirs[f"{family}-{domain}"], preset, anchor=(name == L.ANCHOR))
-              for name, family, domain in L.BACKBONES}
+    loaded = L.load_members(dirs, preset)
     model = FusionModel.from_pretrained(head_dir, backbones=loaded)
     names = [n for n in model.backbones if n != L.ANCHOR]
     combos = [w for w in itertools.product(grid, repeat=len(names)) if sum(w) < 1.0]
@@ -254,8 +248,7 @@ def _curve_point(kind: str, steps: int, width: int, cache: str, threads: int) ->
     spec = {**L.FUSION_MODEL, "shared_width": width}
     if kind == "fused":
         head_dir, summary = L.train_fused(preset, dirs, Path(cache), True, lambda *a: None, model=spec)
-        loaded = {name: L.load_lm(name, dirs[f"{family}-{domain}"], preset, anchor=(name == L.ANCHOR))
-                  for name, family, domain in L.BACKBONES}
+        loaded = L.load_members(dirs, preset)
         model = FusionModel.from_pretrained(head_dir, backbones=loaded)
         scores = {d: score_fused(model, t) for d, t in texts.items()}
         params, seconds = sum(x.numel() for x in model.head.parameters()), summary.get("train_seconds")

@@ -232,6 +232,12 @@ def load_lm(name: str, model_dir: Path, preset: LMPreset, anchor: bool = False):
     return load_backbone(backbone_spec(name, model_dir, preset, anchor), with_lm_head=True)
 
 
+def load_members(dirs: dict[str, Path], preset: LMPreset) -> dict:
+    """Every member of the fused model (`BACKBONES`), loaded with its LM head, by name."""
+    return {name: load_lm(name, dirs[f"{family}-{domain}"], preset, anchor=(name == ANCHOR))
+            for name, family, domain in BACKBONES}
+
+
 def score_alone(backbone, texts: dict[str, list[str]]) -> dict:
     from fusion_llm.scoring import backbone_logits_fn, score_causal_lm
 
