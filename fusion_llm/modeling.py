@@ -224,6 +224,38 @@ class FusionModel(nn.Module):
         head = FusionHead.from_pretrained(path, config=config)
         return cls(config, backbones, head, verify_weights=verify_weights)
 
+    def warm_start(self, path: str | Path) -> list[str]:
+        """Start the head from a saved head over the same backbones (``train.init_head``): every weight the saved
+        head holds is copied in; the backbones must be the ones it was trained on (as `from_pretrained` checks).
+
+        Returns:
+            The names of this head's weights the saved head does not hold (they keep their initialisation).
+
+        Raises:
+            ConfigError: a missing or damaged head, other backbones, or a weight this head has no place for (a
+                different fusion, width or tap list).
+        """
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        saved = saved_config(path)
+        check_head_weights(path / "model.safetensors")
+        theirs = {b["name"] for b in saved.backbones}
+        for name, backbone in self._backbones.items():
+            if name not in theirs:
+                raise ConfigError(f"{path}: the saved head has no backbone {name!r} (it has {sorted(theirs)}); start "
+                                  "from a head trained over these backbones")
+            self._check_identity(saved, backbone)
+            self._check_fingerprint(saved, backbone)
+        weights = load_file(str(path / "model.safetensors"))
+        own = self.head_module.state_dict()
+        foreign = sorted(k for k in weights if k not in own or weights[k].shape != own[k].shape)
+        if foreign:
+            raise ConfigError(f"{path}: the saved head's weight {foreign[0]!r} has no place of that shape in this head "
+                              f"({len(foreign)} such); it was built with another fusion, width or taps")
+        self.head_module.load_state_dict(weights, strict=False)
+        return sorted(k for k in own if k not in weights)
+
     def save_pretrained(self, path: str | Path) -> None:
         """Write config.json (backbones, taps, quantization, fingerprints) and the head's weights only.
 

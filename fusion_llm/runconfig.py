@@ -91,6 +91,12 @@ class TrainConfig:
         cache_features: train from an on-disk cache of the frozen backbones' features
             (under the fusion_llm cache folder, keyed by backbones + taps + data).
         cache_limit_gb: refuse to write a cache larger than this.
+        init_head: a saved head (a `FusionModel.save_pretrained` folder) over the same backbones to start from:
+            every part of the new head that it holds (same name and shape) starts from its weights; parts it
+            lacks (say the prediction mixer of ``head.source_predictions``, added to a trained hidden-state head)
+            keep their initialisation.
+        train_only: names of the head's parts that train (prefixes of its parameter names, e.g. ``[mixer]``);
+            the rest stays as initialised or loaded (``init_head``). Default: the whole head trains.
     """
 
     lr: float = 1e-3
@@ -111,9 +117,17 @@ class TrainConfig:
     mixed_precision: str = "no"
     cache_features: bool = False
     cache_limit_gb: float = 20.0
+    init_head: str | None = None
+    train_only: list | None = None
 
     def __post_init__(self):
         _check_seed("train", self.seed)
+        if self.init_head is not None and not (isinstance(self.init_head, str) and self.init_head):
+            raise ConfigError(f"train.init_head: expected the path of a saved head, got {self.init_head!r}")
+        if self.train_only is not None and (not isinstance(self.train_only, list) or not self.train_only
+                                            or not all(isinstance(x, str) and x for x in self.train_only)):
+            raise ConfigError(f"train.train_only: expected a non-empty list of head part names (e.g. [mixer]), "
+                              f"got {self.train_only!r}")
         positive = ["lr", "batch_size", "gradient_accumulation", "eval_every", "checkpoint_every", "keep_checkpoints"]
         for key in positive:
             if getattr(self, key) <= 0:

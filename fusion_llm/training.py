@@ -119,6 +119,17 @@ def _epoch_loader(dataset, epoch: int, seed: int, batch_size: int, collate, acce
     return accelerator.prepare_data_loader(loader)
 
 
+def freeze_all_but(head, parts: list[str]) -> None:
+    """Only the head's parameters whose names start with one of ``parts`` train (``train.train_only``)."""
+    names = [n for n, _ in head.named_parameters()]
+    for part in parts:
+        if not any(n == part or n.startswith(part + ".") for n in names):
+            roots = sorted({n.split(".")[0] for n in names})
+            raise ConfigError(f"train.train_only: {part!r} names no part of this head (its parts: {', '.join(roots)})")
+    for name, param in head.named_parameters():
+        param.requires_grad_(any(name == part or name.startswith(part + ".") for part in parts))
+
+
 def _param_groups(head, tcfg) -> list[dict]:
     """The head's parameters, with the member adapters (each backbone's ``lora_lr``, else ``train.member_lr``) and
     the prediction mixer in groups of their own rate."""
@@ -129,10 +140,12 @@ def _param_groups(head, tcfg) -> list[dict]:
     groups, taken = [], set()
     for module, lr in parts:
         if module is not None and lr is not None:
-            params = list(module.parameters())
-            groups.append({"params": params, "lr": lr})
-            taken |= {id(p) for p in params}
-    return [{"params": [p for p in head.parameters() if id(p) not in taken]}] + groups
+            params = [p for p in module.parameters() if p.requires_grad]
+            if params:
+                groups.append({"params": params, "lr": lr})
+            taken |= {id(p) for p in module.parameters()}
+    rest = [p for p in head.parameters() if id(p) not in taken and p.requires_grad]
+    return ([{"params": rest}] if rest else []) + groups
 
 
 def _step_batch(model: FusionModel, batch: dict, logits: bool = True):
@@ -229,6 +242,14 @@ def train(run: RunConfig, *, resume: bool = False, cache_features: bool | None =
         check_labels(raw, run.data.label_column, config.head["num_labels"])
     device_map = {"": accelerator.local_process_index} if torch.cuda.is_available() else None
     model = FusionModel.from_config(config, device_map=device_map)
+    if tcfg.init_head and not resume:  # a resumed run restores its own checkpoint
+        try:
+            fresh = model.warm_start(tcfg.init_head)
+        except ConfigError as err:
+            raise ConfigError(f"train.init_head: {err}") from None
+        log(f"started from the head in {tcfg.init_head}" + (f"; new: {', '.join(fresh)}" if fresh else ""))
+    if tcfg.train_only:
+        freeze_all_but(model.head, tcfg.train_only)
 
     tokenizers = {n: b.tokenizer for n, b in model.backbones.items()}
     pad_ids = {n: b.tokenizer.pad_token_id for n, b in model.backbones.items()}

@@ -149,13 +149,18 @@ class VocabBridge:
         self.extension_start = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])  # (V_src + 1,)
         self.extension_ids = torch.tensor([v for e in extensions for v in e], dtype=torch.long)  # (nnz,)
         self.mapped = torch.tensor([b is not None for b in anc])  # (V_anchor,)
+        self.unmapped = (~self.mapped).nonzero().flatten()
 
     @torch.no_grad()
     def sparse_correction(self, top_log_probs: torch.Tensor, top_ids: torch.Tensor, anchor_log_probs: torch.Tensor,
-                          anchor_lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                          anchor_lse: torch.Tensor | None = None, rows: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
         """The source's distribution in the anchor's vocabulary, as a correction to ``log(rest * P_anchor)``,
         kept sparse: the correction is zero except where the top-k's mass lands (each top-k token's first anchor
         token or its extensions), so a (N, V_anchor) tensor is never built.
+
+        The mass is summed ``rows`` positions at a time into a dense (rows, V_anchor) scratch (a scatter: no sort of
+        the k x extensions entries, which cost more than everything else here at a wide top-k) and read back where
+        it is not zero.
 
         Args:
             top_log_probs, top_ids: (N, k) the source's most likely next tokens and their log-probabilities
@@ -166,11 +171,25 @@ class VocabBridge:
 
         Returns:
             ``(keys, values)``: (U,) distinct indices into the flattened (N, V_anchor) correction
-            (``row * V_anchor + token``) and (U,) float32 ``log p(v) - log(rest * P_anchor(v)) > 0`` there.
+            (``row * V_anchor + token``), ascending, and (U,) float32 ``log p(v) - log(rest * P_anchor(v)) > 0`` there.
         """
-        n, k, size = top_ids.shape[0], top_ids.shape[1], self.anchor_size
+        n, size = top_ids.shape[0], self.anchor_size
         anchor_log_probs = anchor_log_probs[:, :size]
         lse = torch.zeros(n, device=anchor_log_probs.device) if anchor_lse is None else anchor_lse.float()
+        rest = self.rest(top_log_probs, top_ids)
+        keys, values = [], []
+        scratch = torch.zeros(min(rows, n) * (size + 1))
+        for a in range(0, n, rows):
+            b = min(a + rows, n)
+            k_, v_ = self._chunk_correction(top_log_probs[a:b], top_ids[a:b], anchor_log_probs[a:b], lse[a:b],
+                                            rest[a:b], scratch[: (b - a) * (size + 1)])
+            keys.append(k_ + a * size)
+            values.append(v_)
+        return torch.cat(keys), torch.cat(values)
+
+    def _chunk_correction(self, top_log_probs, top_ids, anchor_logits, lse, rest, scratch):
+        """`sparse_correction` on a few rows; ``scratch``: zeros (rows * (V_anchor + 1),), left zeroed."""
+        n, k, size = top_ids.shape[0], top_ids.shape[1], self.anchor_size
         top_p = top_log_probs.float().exp().flatten()  # (n*k,)
         ids = top_ids.flatten()
         # every (top-k entry, extension) pair, in the compressed rows' order: entry e has count[e] of them
@@ -179,23 +198,22 @@ class VocabBridge:
         offset = torch.arange(entry.shape[0]) - torch.repeat_interleave(count.cumsum(0) - count, count)
         ext = self.extension_ids[self.extension_start[ids][entry] + offset]  # (P,) anchor token
         ext_row = entry // k
-        ext_p = (anchor_log_probs[ext_row, ext].float() - lse[ext_row]).exp_()  # (P,) the anchor's own mass there
+        ext_p = (anchor_logits[ext_row, ext].float() - lse[ext_row]).exp_()  # (P,) the anchor's own mass there
         z = torch.zeros(n * k).index_add_(0, entry, ext_p)  # anchor mass on the tokens that spell u or extend it
         shared = z > 0  # u's mass is shared among its extensions, else all on its first token
-        first = self.first_anchor[ids]  # anchor_size = no anchor token spells u's start (mass -> rest)
-        placed = torch.cat([torch.where(shared | (first == size), torch.zeros_like(top_p), top_p),
+        first = self.first_anchor[ids]  # anchor_size = no anchor token spells u's start (mass -> a spare column)
+        placed = torch.cat([torch.where(shared, torch.zeros_like(top_p), top_p),
                             top_p[entry] * ext_p / z[entry].clamp_min(1e-30)])  # (n*k + P,)
-        tokens = torch.cat([first, ext])
-        rows = torch.cat([torch.arange(n * k) // k, ext_row])
-        keep = placed > 0  # unspellable tokens (and shared ones' first-token entries) carry nothing
-        keys, inverse = torch.unique(rows[keep] * size + tokens[keep], return_inverse=True)
-        mass = torch.zeros(keys.shape[0]).scatter_add_(0, inverse, placed[keep])
-        rows, cols = keys // size, keys % size
-        floor = ((anchor_log_probs[rows, cols].float() - lse[rows]).exp()
-                 * self.rest(top_log_probs, top_ids)[rows]).clamp_min_(1e-30)
-        values = mass.div_(floor).log1p_()
-        mapped = self.mapped[cols]
-        return keys[mapped], values[mapped]
+        starts = torch.arange(n).unsqueeze(1) * (size + 1)  # (n, 1) each row's start in the scratch
+        flat = torch.cat([(starts + first.view(n, k)).flatten(), starts.flatten()[ext_row] + ext])
+        scratch.index_add_(0, flat, placed)
+        landed = scratch.view(n, size + 1)[:, :size]
+        landed.index_fill_(1, self.unmapped, 0.0)  # anchor tokens without bytes get no correction
+        rows, cols = landed.nonzero(as_tuple=True)  # ascending, distinct
+        mass = landed[rows, cols]
+        scratch.zero_()
+        floor = ((anchor_logits[rows, cols].float() - lse[rows]).exp() * rest[rows]).clamp_min_(1e-30)
+        return rows * size + cols, mass.div_(floor).log1p_()
 
     def correction(self, top_log_probs: torch.Tensor, top_ids: torch.Tensor,
                    anchor_log_probs: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from fusion_llm.runconfig import build_run_config
@@ -347,3 +348,33 @@ def test_resume_is_exact_with_dropout_accumulation_and_an_uneven_epoch_boundary(
     resumed = train(cfg(tmp_path / "b"), resume=True)
     assert resumed["losses"] == full["losses"]
     assert resumed["final"] == full["final"]
+
+
+def test_a_head_started_from_a_saved_one_trains_only_the_parts_named(standin_paths, tmp_path):
+    """``train.init_head`` + ``train.train_only``: a trained hidden-state head, given the prediction mixer of
+    ``head.source_predictions`` and trained with only the mixer free, keeps every other weight bit for bit and
+    learns the mixer; a missing head or a part the head lacks is a one-line ConfigError naming the field."""
+    from safetensors.torch import load_file
+
+    from fusion_llm.config import ConfigError
+
+    first = train(build_run_config(lm_tiny(tmp_path, train__max_steps=3, output_dir=str(tmp_path / "one"))))
+    base = load_file(str(Path(first["output"]) / "model.safetensors"))
+
+    def second(out="two", **changes):
+        cfg = lm_tiny(tmp_path, train__max_steps=3, output_dir=str(tmp_path / out), **changes)
+        cfg["model"]["head"]["source_predictions"] = True
+        return build_run_config(cfg)
+
+    lines = []
+    summary = train(second(train__init_head=first["output"], train__train_only=["mixer"]), log=lines.append)
+    assert any("new: mixer." in line for line in lines), lines
+    after = load_file(str(Path(summary["output"]) / "model.safetensors"))
+    assert set(after) == set(base) | {k for k in after if k.startswith("mixer.")}
+    assert all(torch.equal(after[k], base[k]) for k in base)  # nothing but the mixer moved
+    assert after["mixer.out.weight"].abs().sum() > 0  # zero-initialised, now trained
+
+    with pytest.raises(ConfigError, match=r"^train.init_head: .*no saved fusion head"):
+        train(second("three", train__init_head=str(tmp_path / "nowhere")))
+    with pytest.raises(ConfigError, match=r"^train.train_only: 'bogus' names no part of this head"):
+        train(second("three", train__train_only=["bogus"]))
