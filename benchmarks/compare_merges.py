@@ -135,12 +135,12 @@ def run_grokking(preset, out_dir: Path, use_cache: bool, threads: int, workers: 
     return results
 
 
-def run_lm(preset_name: str, out_dir: Path, use_cache: bool = True):
+def run_lm(preset_name: str, out_dir: Path, use_cache: bool = True, workers: int = 2):
     """The LM track (`benchmarks.lm.track.run_lm_track`), when it has this preset."""
     if preset_name not in lm_track.PRESETS:
         print(f"the LM track has no preset {preset_name!r} (it has {', '.join(lm_track.PRESETS)}): skipped")
         return None
-    return lm_track.run_lm_track(preset_name, out_dir, use_cache=use_cache)
+    return lm_track.run_lm_track(preset_name, out_dir, use_cache=use_cache, workers=workers)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch intra-op threads (default 1: on 2 shared cores, 2 threads can run 10-40x slower)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the preset's seeds")
     parser.add_argument("--workers", type=int, default=None,
-                        help="grokking track: processes for its independent stages (experts, family experts, seed "
-                        "baseline); default 2, or 1 when the LM track runs alongside")
+                        help="processes for a track's independent stages (grokking: experts, family experts, seed "
+                        "baseline; LM: training while scoring); default 2, or 1 each when the two run alongside")
     parser.add_argument("--serial", action="store_true",
                         help="with --track all: run the LM track after the grokking track instead of alongside it "
                         "in a second process (each track uses one core)")
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         if code:
             return code
     elif args.track in ("lm", "all"):
-        run_lm(preset.name, out_dir, use_cache=not args.fresh)
+        run_lm(preset.name, out_dir, use_cache=not args.fresh, workers=args.workers or 2)
     if args.track == "real":
         return run_real(preset.name, out_dir, fresh=args.fresh)
     if args.track == "all":
@@ -213,7 +213,7 @@ def start_lm_process(preset_name: str, out_dir: Path, fresh: bool, threads: int)
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "lm_track.log"
     command = [sys.executable, str(Path(__file__).resolve()), "--preset", preset_name, "--track", "lm",
-               "--out", str(out_dir), "--threads", str(threads)] + (["--fresh"] if fresh else [])
+               "--out", str(out_dir), "--threads", str(threads), "--workers", "1"] + (["--fresh"] if fresh else [])
     log = open(log_path, "w")
     print(f"[lm] running alongside in a second process (log: {log_path})", flush=True)
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log, log_path

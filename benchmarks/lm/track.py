@@ -70,9 +70,12 @@ class LMPreset:
         gen_prompts, gen_tokens: the generation benchmark (prompts, new tokens each).
         quantization: how every frozen model loads.
         fused_variants: names in ``FUSED_VARIANTS`` trained and scored; the headline is chosen on validation.
-            ``quick`` trains the hidden-state head only: the source-predictions head costs ~5 s a step on these
-            stand-ins (their LM heads over 32k-262k vocabularies dwarf their 4-layer bodies), past the
-            15-minute budget; ``micro`` and ``full`` train both.
+        mixer_steps, mixer_lr: the route variant (`STAGED`): its prediction mixer trains alone on the trained
+            hidden-state head for this many steps (the first ``mixer_steps x head_batch`` rows of the head's own
+            rows), at this rate. A step carries every source's whole top-4096 distribution (~5 s on these
+            stand-ins: the members' output layers over 32k-262k vocabularies dwarf their 4-layer bodies), so the
+            mixer trains on the finished head rather than the whole head on the routes for every step.
+            ``mixer_lr`` was chosen on the validation rows from {1e-3, 3e-3, 1e-2, 3e-2} (quick, 40 steps).
     """
 
     name: str
@@ -85,7 +88,9 @@ class LMPreset:
     eval_rows: int
     gen_prompts: int
     gen_tokens: int
-    fused_variants: tuple = ("concat head, hidden states",)
+    fused_variants: tuple = ("concat head, hidden states", "concat head + source predictions")
+    mixer_steps: int = 40
+    mixer_lr: float = 3e-3
     head_lr: float = 1e-2
     lora_lr: float = 5e-3
     head_warmup: int = 10
@@ -94,19 +99,25 @@ class LMPreset:
     task_items: int = 0  # items per domain of the harness task scored for the members, fused and LoRA entries
 
     def to_dict(self) -> dict:
-        """The fields a stage's training reads (its cache recipe): which entries are scored on the task is not one."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "task_items"}
+        """The fields a stage's training reads (its cache recipe): which entries are scored on the task is not one,
+        nor the mixer's schedule (in the recipe of the stage it trains only)."""
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in ("task_items", "mixer_steps", "mixer_lr", "fused_variants")}
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the fused model that trains longest (a staged variant: its head's and its mixer's)."""
+        return self.head_steps + (self.mixer_steps if any(v in STAGED for v in self.fused_variants) else 0)
 
 
 PRESETS = {
     "micro": LMPreset("micro", pretrain_steps=16, pretrain_batch=4, pretrain_seq=32, head_steps=6, head_batch=4,
-                      head_seq=32, eval_rows=2, gen_prompts=2, gen_tokens=4, head_warmup=2,
-                    fused_variants=("concat head, hidden states", "concat head + source predictions")),
+                      head_seq=32, eval_rows=2, gen_prompts=2, gen_tokens=4, head_warmup=2, mixer_steps=2),
     "quick": LMPreset("quick", pretrain_steps=200, pretrain_batch=8, pretrain_seq=64, head_steps=300, head_batch=8,
                       head_seq=64, eval_rows=24, gen_prompts=4, gen_tokens=16),
     "full": LMPreset("full", pretrain_steps=1500, pretrain_batch=16, pretrain_seq=128, head_steps=1000,
                      head_batch=16, head_seq=128, eval_rows=200, gen_prompts=8, gen_tokens=64, head_warmup=50,
-                   fused_variants=("concat head, hidden states", "concat head + source predictions")),
+                     mixer_steps=100),
 }
 
 # Stand-in sizes: every Linear dimension a multiple of 64; four different widths, so fusion crosses widths.
@@ -128,10 +139,16 @@ TAP_LAYERS = [2, -1]
 FUSION_MODEL = {"shared_width": 64, "adapter": {"kind": "linear", "layer_norm": True},
                 "fusion": {"method": "concat", "hidden": 256}, "head": {"kind": "lm", "source_tails": True}}
 # The fused variants trained and scored; the headline is the one with the lowest *validation* mixture bits/byte.
+# The route variant mixes each member's own next-token distribution (its top 4096 tokens, carried onto the anchor's
+# vocabulary: `fusion_llm.vocab_bridge`) log-linearly into the hidden-state head's, with per-position weights.
 FUSED_VARIANTS = {
     "concat head, hidden states": FUSION_MODEL,
-    "concat head + source predictions": {**FUSION_MODEL, "head": {**FUSION_MODEL["head"], "source_predictions": True}},
+    "concat head + source predictions": {**FUSION_MODEL, "head": {**FUSION_MODEL["head"], "source_predictions": True,
+                                                                  "source_top_k": 4096}},
 }
+# Variants trained on another variant's finished head (`train.init_head`), only the named parts free, for the
+# preset's ``mixer_steps`` at ``mixer_lr``.
+STAGED = {"concat head + source predictions": {"from": "concat head, hidden states", "train_only": ["mixer"]}}
 # mergekit's usual settings (not tuned on any split): equal weights, half of each task vector kept.
 MERGES = {"linear": {}, "ties": {"density": 0.5}, "dare_ties": {"density": 0.5}}
 
@@ -192,8 +209,9 @@ def ensure_corpora(log) -> dict:
         return read_manifest()
 
 
-def pretrain_all(preset: LMPreset, log) -> dict[str, Path]:
-    """Every pre-trained stand-in: the four backbones, the Mistral base and the Mistral experts."""
+def pretrain_all(preset: LMPreset, log, worker: "Worker | None" = None) -> dict[str, Path]:
+    """Every pre-trained stand-in: the four backbones, the Mistral base and the Mistral experts. With a `Worker`
+    (two processes), the Llama-3, Gemma-2 and Phi-3 stand-ins train there while the Mistral ones train here."""
     from benchmarks.lm.pretraining import PretrainRecipe, pretrain_standin
 
     def recipe(family, domain, steps, **kw):
@@ -201,15 +219,27 @@ def pretrain_all(preset: LMPreset, log) -> dict[str, Path]:
                               batch_size=preset.pretrain_batch, seq_len=preset.pretrain_seq, lr=preset.pretrain_lr,
                               min_lr=preset.pretrain_lr / 10, warmup_steps=max(1, steps // 10), **kw)
 
+    others = {f"{family}-{domain}": recipe(family, domain, preset.pretrain_steps)
+              for _, family, domain in BACKBONES if family != "mistral"}
+    elsewhere = worker.submit(pretrain_recipes, others, 1) if worker is not None and worker.pool else None
     half = max(1, preset.pretrain_steps // 2)
     dirs = {"mistral-mixture": pretrain_standin(recipe("mistral", "mixture", half), log=log)}
     for domain in DOMAINS:
         dirs[f"mistral-{domain}"] = pretrain_standin(
             recipe("mistral", domain, half, init=str(dirs["mistral-mixture"])), log=log)
-    for _, family, domain in BACKBONES:
-        if family != "mistral":
-            dirs[f"{family}-{domain}"] = pretrain_standin(recipe(family, domain, preset.pretrain_steps), log=log)
+    dirs.update(elsewhere.result() if elsewhere is not None else pretrain_recipes(others, log=log))
     return dirs
+
+
+def pretrain_recipes(recipes: dict, threads: int | None = None, log=None) -> dict[str, Path]:
+    """`pretrain_standin` of each recipe (name -> recipe); ``threads``: set in a worker process (which logs nothing)."""
+    from benchmarks.lm.pretraining import pretrain_standin
+
+    if threads:
+        from benchmarks.lm.real import _quiet
+
+        _quiet(threads)
+    return {name: pretrain_standin(r, log=log or (lambda *_: None)) for name, r in recipes.items()}
 
 
 def eval_texts(preset: LMPreset, split: str = "test") -> dict[str, list[str]]:
@@ -274,7 +304,10 @@ def accuracy_cell(entry: dict) -> str:
 
 
 # ---- the fused model ---------------------------------------------------------------------------------
-def fused_run_config(preset: LMPreset, dirs: dict[str, Path], output_dir: Path, model: dict | None = None):
+def fused_run_config(preset: LMPreset, dirs: dict[str, Path], output_dir: Path, model: dict | None = None,
+                     init: Path | None = None, train_only: list | None = None):
+    """The run config of a fused head; with ``init`` (a trained head) the stage that trains ``train_only`` on it
+    (the preset's ``mixer_steps`` at ``mixer_lr``, on the first of the head's rows)."""
     from fusion_llm.data.corpora import corpus_files
     from fusion_llm.runconfig import build_run_config
 
@@ -284,33 +317,64 @@ def fused_run_config(preset: LMPreset, dirs: dict[str, Path], output_dir: Path, 
     for b in backbones:  # filled from the model when it loads
         for key in ("num_hidden_layers", "hidden_size", "max_position_embeddings"):
             b.pop(key)
+    steps, lr, warmup = preset.head_steps, preset.head_lr, preset.head_warmup
+    stage = {}
+    if init is not None:
+        steps, lr, warmup = preset.mixer_steps, preset.mixer_lr, max(1, preset.mixer_steps // 10)
+        stage = {"init_head": str(init), "train_only": list(train_only or ["mixer"])}
     return build_run_config({
         "model": {"backbones": backbones, **(model or FUSION_MODEL)},
         "data": {"files": {"train": files["train"], "validation": files["validation"]}, "max_length": preset.head_seq,
-                 "max_train_examples": preset.head_steps * preset.head_batch,
+                 "max_train_examples": steps * preset.head_batch,
                  "max_eval_examples": min(32, 4 * preset.eval_rows)},  # quick and full: 32; micro: 8
-        "train": {"lr": preset.head_lr, "batch_size": preset.head_batch, "max_steps": preset.head_steps,
-                  "warmup_steps": preset.head_warmup, "eval_every": preset.head_steps,
-                  "checkpoint_every": preset.head_steps, "seed": 0},
+        "train": {"lr": lr, "batch_size": preset.head_batch, "max_steps": steps, "warmup_steps": warmup,
+                  "eval_every": steps, "checkpoint_every": steps, "seed": 0, **stage},
         "output_dir": str(output_dir), "tracker": "jsonl",
     })
 
 
 def train_fused(preset: LMPreset, dirs: dict[str, Path], cache: Path, use_cache: bool, log,
-                model: dict | None = None) -> tuple[Path, dict]:
-    """Train the fusion head through `fusion_llm.training.train` (or reuse it); returns (head folder, summary)."""
+                model: dict | None = None, init: Path | None = None, train_only: list | None = None
+                ) -> tuple[Path, dict]:
+    """Train the fusion head through `fusion_llm.training.train` (or reuse it); returns (head folder, summary).
+    With ``init`` (a trained head, `STAGED`): the stage that trains only ``train_only`` on it (`fused_run_config`)."""
     from fusion_llm.training import train
 
     model = model or FUSION_MODEL
     recipe = {"preset": preset.to_dict(), "model": model, "taps": TAP_LAYERS,
               "backbones": {n: Path(dirs[f"{f}-{d}"]).name for n, f, d in BACKBONES}, "anchor": ANCHOR}
+    if init is not None:  # the head it starts from is named by its own stage's key
+        recipe["stage"] = {"init": Path(init).parent.name, "train_only": train_only, "steps": preset.mixer_steps,
+                           "lr": preset.mixer_lr}
     stage = cache / _key("fused", recipe)
     summary_path = stage / "run_summary.json"
     if use_cache and summary_path.is_file() and (stage / "head").is_dir():
         return stage / "head", json.loads(summary_path.read_text())
     shutil.rmtree(stage, ignore_errors=True)
-    summary = train(fused_run_config(preset, dirs, stage, model), log=lambda line: log(f"  {line}"))
+    summary = train(fused_run_config(preset, dirs, stage, model, init, train_only),
+                    log=lambda line: log(f"  {line}"))
     return Path(summary["output"]), summary
+
+
+def train_variant(preset: LMPreset, dirs: dict[str, Path], cache: Path, use_cache: bool, label: str,
+                  heads: dict[str, tuple[Path, dict]], log=None, threads: int | None = None) -> tuple[Path, dict]:
+    """Train one of ``FUSED_VARIANTS`` (a `STAGED` one on the finished head of the variant it starts from, given
+    in ``heads``: label -> (head folder, summary)). Its summary's ``train_seconds`` and ``steps`` count every stage.
+    ``threads``: set in a worker process (which also logs nothing)."""
+    if threads:
+        from benchmarks.lm.real import _quiet
+
+        _quiet(threads)
+    log = log or (lambda *_: None)
+    staged = STAGED.get(label)
+    if staged is None:
+        return train_fused(preset, dirs, cache, use_cache, log, model=FUSED_VARIANTS[label])
+    base_dir, base = heads[staged["from"]]
+    head_dir, summary = train_fused(preset, dirs, cache, use_cache, log, model=FUSED_VARIANTS[label], init=base_dir,
+                                    train_only=staged["train_only"])
+    return head_dir, {**summary, "stage_seconds": summary.get("train_seconds"),
+                      "train_seconds": (base.get("train_seconds") or 0) + (summary.get("train_seconds") or 0),
+                      "steps": (base.get("steps") or 0) + (summary.get("steps") or 0)}
 
 
 # ---- the LoRA control --------------------------------------------------------------------------------
@@ -636,6 +700,79 @@ def write_results(results: dict, out_dir: Path) -> dict[str, Path]:
             **{p: out_dir / p for p in results["plots"]}}
 
 
+# ---- stages run in the worker process (top-level: a spawned process imports them) ----------------------
+class Worker:
+    """A second process for the track's training stages while this one scores (``workers=2``), or none
+    (``workers=1``: `submit` runs the stage at once, here). Either way `submit` returns a future."""
+
+    def __init__(self, workers: int):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.pool = (ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) if workers > 1
+                     else None)
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+
+        if self.pool is not None:
+            return self.pool.submit(fn, *args)
+        future = Future()
+        future.set_result(fn(*args))  # an error surfaces here, as it would without the future
+        return future
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+def head_size(preset: LMPreset, dirs: dict[str, Path], cache: Path, model: dict, loaded: dict) -> int:
+    """Parameters of a fused head of ``model`` (untrained: the count does not depend on training)."""
+    from fusion_llm.modeling import FusionModel
+
+    config = fused_run_config(preset, dirs, cache / "unused", model).fusion_config()
+    return sum(x.numel() for x in FusionModel(config, loaded).head.parameters())
+
+
+def lora_scores(preset: LMPreset, dirs: dict[str, Path], head_params: int, cache: Path, use_cache: bool,
+                control: str, steps: int, texts: dict, task_folder: Path, threads: int | None = None) -> dict:
+    """The LoRA control's entry: trained (`train_lora`, or reused) and scored. ``threads``: set in a worker."""
+    from fusion_llm.scoring import hf_logits_fn, score_causal_lm
+
+    if threads:
+        from benchmarks.lm.real import _quiet
+
+        _quiet(threads)
+    peft_model, info = train_lora(preset, dirs["mistral-code"], head_params, cache, use_cache, lambda *_: None,
+                                  steps=steps)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(dirs["mistral-code"]))
+    if tokenizer.pad_token is None:  # as `fusion_llm.backbones.load_backbone` sets it
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    fn = hf_logits_fn(peft_model)
+    scores = {d: score_causal_lm(fn, tokenizer, t, max_positions=1024) for d, t in texts.items()}
+    return _entry(f"LoRA r={info['rank']} on the anchor, {control} ({info['steps']} steps)", "lora", scores,
+                  vocabulary="mistral", trainable_params=info["trainable_params"], lora=info, control=control,
+                  task_accuracy=task_accuracy(peft_model, preset.task_items, task_folder, tokenizer))
+
+
+def merge_scores(dirs: dict[str, Path], cache: Path, use_cache: bool, preset: LMPreset, texts: dict) -> list[dict]:
+    """The merges' entries (and their inputs'), merged by mergekit (`merge_all`) and scored."""
+    merged = merge_all(dirs, cache, use_cache)
+    out = []
+    for method, folder in merged.items():
+        backbone = load_lm(f"merge_{method}", folder, preset, anchor=True)
+        out.append(_entry(f"merge {method} (mergekit)", "merge", score_alone(backbone, texts), vocabulary="mistral",
+                          model_dir=str(folder), parameters=MERGES[method]))
+    for domain in ("mixture", "shakespeare", "prose"):  # the merge inputs (the code expert is the anchor)
+        backbone = load_lm(f"mistral_{domain}", dirs[f"mistral-{domain}"], preset, anchor=True)
+        label = "base" if domain == "mixture" else "expert"
+        out.append(_entry(f"mistral {label} ({domain})", "merge input", score_alone(backbone, texts),
+                          vocabulary="mistral", model_dir=str(dirs[f"mistral-{domain}"])))
+    return out
+
+
 # ---- the track -----------------------------------------------------------------------------------------
 def schedules(preset: LMPreset) -> str:
     p = preset
@@ -647,17 +784,18 @@ def schedules(preset: LMPreset) -> str:
 
 
 def run_lm_track(preset: str, out_dir: Path, *, use_cache: bool = True, task_items: int | None = None,
-                 log=print) -> dict:
+                 log=print, workers: int = 1) -> dict:
     """Run the LM track with preset ``micro``, ``quick`` or ``full``; results into ``out_dir``. ``task_items``: items
     per domain of the harness task ``fusion_continuation`` each member, fused model and LoRA control is scored on
-    (default the preset's: 0, not scored).
+    (default the preset's: 0, not scored). ``workers``: 2 trains the fused heads and the same-time LoRA control in a
+    second process (one torch thread) while this one scores (`Worker`); 1 runs every stage here, in turn.
 
     Returns:
         The results dict (also in ``out_dir/lm_results.json``): ``entries`` (one per model, bits/byte and
         token perplexity per domain and on the mixture), ``targets``, ``generation``, ``stages`` (seconds),
         ``files``.
     """
-    from fusion_llm.scoring import hf_logits_fn, score_causal_lm, score_fused, text_bytes
+    from fusion_llm.scoring import LMScore, score_fused, text_bytes
     from fusion_llm.modeling import FusionModel
 
     p = get_preset(preset)
@@ -670,7 +808,8 @@ def run_lm_track(preset: str, out_dir: Path, *, use_cache: bool = True, task_ite
     wall, cpu = time.perf_counter(), time.process_time()
     stages = Stages(log)
     manifest = stages.run("corpora", ensure_corpora, log)
-    dirs = stages.run("pre-training (cached by recipe)", pretrain_all, p, log)
+    worker = Worker(workers)
+    dirs = stages.run("pre-training (cached by recipe)", pretrain_all, p, log, worker)
     texts = eval_texts(p)
 
     def alone_all():
@@ -684,64 +823,75 @@ def run_lm_track(preset: str, out_dir: Path, *, use_cache: bool = True, task_ite
                                   task_accuracy=task_accuracy(backbone, p.task_items, task_folder)))
         return loaded, entries
 
-    loaded, entries = stages.run("backbones alone", alone_all)
     validation = eval_texts(p, "validation")
+    in_worker = 1 if worker.pool else None  # a worker process: one thread, no log
+    trained, pending = {}, {}
+    first = [label for label in p.fused_variants if label not in STAGED]
+    staged = [label for label in p.fused_variants if label in STAGED]
+    for label in first:  # trained in the worker while this process scores the members and the same-steps LoRA
+        pending[label] = worker.submit(train_variant, p, dirs, cache, use_cache, label, {}, None if in_worker else log,
+                                       in_worker)
+    loaded, entries = stages.run("backbones alone", alone_all)
+    # The LoRA controls match the largest fused variant's trainable parameters (counted on an untrained head) and
+    # the longest one's optimizer steps.
+    head_params = max(head_size(p, dirs, cache, FUSED_VARIANTS[label], loaded) for label in p.fused_variants)
+    lora_entry = stages.run("LoRA control (same steps): train + score", lora_scores, p, dirs, head_params, cache,
+                            use_cache, "same steps", p.total_steps, texts, task_folder)
 
-    def fused_variant(label: str, spec: dict):
-        head_dir, summary = train_fused(p, dirs, cache, use_cache, log, model=spec)
+    def scored(label: str, head_dir: Path, summary: dict, split: str):
         model = FusionModel.from_pretrained(head_dir, backbones=loaded)
+        if split == "validation":
+            val = sum((score_fused(model, t) for t in validation.values()), start=LMScore())
+            return model, val.bits_per_byte
         params = sum(x.numel() for x in model.head.parameters())
         scores = {d: score_fused(model, t) for d, t in texts.items()}
-        val = sum((score_fused(model, t) for t in validation.values()), start=type(scores[DOMAINS[0]])())
         return model, _entry(f"fused: {label}", "fused", scores, vocabulary="mistral", trainable_params=params,
-                             validation_bits_per_byte=val.bits_per_byte, fusion_model=spec,
-                             train_seconds=summary.get("train_seconds"),
+                             fusion_model=FUSED_VARIANTS[label], train_seconds=summary.get("train_seconds"),
                              train_summary={k: summary.get(k) for k in ("steps", "final", "anchor_eval",
-                                                                        "tokens_per_second")},
+                                                                        "tokens_per_second", "stage_seconds")},
                              task_accuracy=task_accuracy(model, p.task_items, task_folder))
 
-    fused_models, fused_entries = {}, []
-    for label in p.fused_variants:
-        spec = FUSED_VARIANTS[label]
-        fused_models[label], entry = stages.run(f"fused ({label}): train + score", fused_variant, label, spec)
-        fused_entries.append(entry)
-    headline = min(fused_entries, key=lambda e: e["validation_bits_per_byte"])  # chosen on validation rows
-    headline["headline"] = True
-    model = fused_models[headline["name"].removeprefix("fused: ")]
-    head_params = headline["trainable_params"]
-
-    def lora_scores(control: str, steps: int):
-        peft_model, info = train_lora(p, dirs["mistral-code"], head_params, cache, use_cache, log, steps=steps)
-        fn = hf_logits_fn(peft_model)
-        tokenizer = loaded[ANCHOR].tokenizer
-        scores = {d: score_causal_lm(fn, tokenizer, t, max_positions=1024) for d, t in texts.items()}
-        return _entry(f"LoRA r={info['rank']} on the anchor, {control} ({info['steps']} steps)", "lora", scores,
-                      vocabulary="mistral", trainable_params=info["trainable_params"], lora=info, control=control,
-                      task_accuracy=task_accuracy(peft_model, p.task_items, task_folder, tokenizer))
-
-    lora_entry = stages.run("LoRA control (same steps): train + score", lora_scores, "same steps", p.head_steps)
-    # The second control trains as long as the headline's head did (wall-clock), at LoRA's own pace.
+    fused_models, fused_entries, val_bits = {}, {}, {}
+    for label in first:
+        trained[label] = stages.run(f"fused ({label}): train (waited for)", pending.pop(label).result)
+    for label in staged:  # their mixers train in the worker while this process scores the heads they start from
+        pending[label] = worker.submit(train_variant, p, dirs, cache, use_cache, label, dict(trained),
+                                       None if in_worker else log, in_worker)
+    for label in first:
+        _, val_bits[label] = stages.run(f"fused ({label}): validation", scored, label, *trained[label], "validation")
+        fused_models[label], fused_entries[label] = stages.run(f"fused ({label}): score", scored, label,
+                                                               *trained[label], "test")
+    merge_entries = stages.run("merges: mergekit + score", merge_scores, dirs, cache, use_cache, p, texts)
+    for label in staged:
+        trained[label] = stages.run(f"fused ({label}): train (waited for)", pending.pop(label).result)
+    # The second control trains as long as the headline's head did (wall-clock, every stage), at LoRA's own pace. It
+    # starts in the worker before the headline is known, for the variant that trained longest (this process scores
+    # meanwhile), and trains again only if another variant is chosen.
     per_step = lora_entry["lora"]["train_seconds"] / max(lora_entry["lora"]["steps"], 1)
-    time_steps = max(p.head_steps, round(headline["train_seconds"] / max(per_step, 1e-9)))
-    lora_time_entry = stages.run("LoRA control (same time): train + score", lora_scores, "same time", time_steps)
 
-    def merge_scores():
-        merged = merge_all(dirs, cache, use_cache)
-        out = []
-        for method, folder in merged.items():
-            backbone = load_lm(f"merge_{method}", folder, p, anchor=True)
-            out.append(_entry(f"merge {method} (mergekit)", "merge", score_alone(backbone, texts), vocabulary="mistral",
-                              model_dir=str(folder), parameters=MERGES[method]))
-        for domain in ("mixture", "shakespeare", "prose"):  # the merge inputs (the code expert is the anchor)
-            backbone = load_lm(f"mistral_{domain}", dirs[f"mistral-{domain}"], p, anchor=True)
-            label = "base" if domain == "mixture" else "expert"
-            out.append(_entry(f"mistral {label} ({domain})", "merge input", score_alone(backbone, texts),
-                              vocabulary="mistral", model_dir=str(dirs[f"mistral-{domain}"])))
-        return out
+    def time_steps(label: str) -> int:
+        return max(p.total_steps, round(trained[label][1]["train_seconds"] / max(per_step, 1e-9)))
 
-    merge_entries = stages.run("merges: mergekit + score", merge_scores)
+    longest = max(p.fused_variants, key=lambda label: trained[label][1]["train_seconds"] or 0)
+    lora_time = (worker.submit(lora_scores, p, dirs, head_params, cache, use_cache, "same time", time_steps(longest),
+                               texts, task_folder, in_worker) if worker.pool else None)
+    for label in staged:
+        _, val_bits[label] = stages.run(f"fused ({label}): validation", scored, label, *trained[label], "validation")
+    headline = min(p.fused_variants, key=lambda label: val_bits[label])  # chosen on validation rows
+    for label in staged:
+        fused_models[label], fused_entries[label] = stages.run(f"fused ({label}): score", scored, label,
+                                                               *trained[label], "test")
+    if lora_time is None or time_steps(headline) != time_steps(longest):
+        lora_time = worker.submit(lora_scores, p, dirs, head_params, cache, use_cache, "same time",
+                                  time_steps(headline), texts, task_folder, in_worker)
+    for label, entry in fused_entries.items():
+        entry["validation_bits_per_byte"] = val_bits[label]
+    fused_entries[headline]["headline"] = True
+    model = fused_models[headline]
+    lora_time_entry = stages.run("LoRA control (same time): train + score (waited for)", lora_time.result)
+    worker.close()
     generation = stages.run("generation benchmark", generation_benchmark, model, dirs["mistral-code"], p, texts)
-    entries = [*entries, *fused_entries, lora_entry, lora_time_entry, *merge_entries]
+    entries = [*entries, *fused_entries.values(), lora_entry, lora_time_entry, *merge_entries]
     lag = alignment_lag(texts, loaded)
 
     results = {
@@ -773,6 +923,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task-items", type=int, default=None,
                         help="score the members, fused models and LoRA controls on the harness task "
                              "fusion_continuation, this many test items per domain (default the preset's: 0, none)")
+    parser.add_argument("--workers", type=int, default=2, choices=[1, 2],
+                        help="2 (default): train in a second process while this one scores; 1: every stage here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     import datasets
@@ -782,7 +934,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     datasets.disable_progress_bars()
     out_dir = Path(args.out) if args.out else ROOT / "results" / "compare_merges" / args.preset
-    run_lm_track(args.preset, out_dir, use_cache=not args.fresh, task_items=args.task_items)
+    run_lm_track(args.preset, out_dir, use_cache=not args.fresh, task_items=args.task_items, workers=args.workers)
     return 0
 
 

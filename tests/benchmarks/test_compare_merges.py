@@ -153,13 +153,13 @@ def test_second_run_resumes_from_the_cache(micro_run):
     assert gated[0] == gated[1]
 
 
-def test_lm_track_is_called_with_the_cache_option(tmp_path, capsys, monkeypatch):
+def test_lm_track_is_called_with_the_cache_and_workers_options(tmp_path, capsys, monkeypatch):
     cli = _load_cli()
     calls = []
-    monkeypatch.setattr(cli.lm_track, "run_lm_track",
-                        lambda preset, out_dir, *, use_cache=True: calls.append((preset, out_dir, use_cache)) or "ran")
+    monkeypatch.setattr(cli.lm_track, "run_lm_track", lambda preset, out_dir, *, use_cache=True, workers=1:
+                        calls.append((preset, out_dir, use_cache, workers)) or "ran")
     assert cli.run_lm("quick", tmp_path, use_cache=False) == "ran"
-    assert calls == [("quick", tmp_path, False)]
+    assert calls == [("quick", tmp_path, False, 2)]  # alone, the LM track trains in a second process
     assert cli.run_lm("medium", tmp_path) is None  # a preset the LM track does not have: skipped, said so
     assert "has no preset 'medium'" in capsys.readouterr().out and len(calls) == 1
 
