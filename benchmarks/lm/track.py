@@ -1,6 +1,6 @@
 """Language-modelling track: a fused LM over four tokenizers vs each backbone, a LoRA control and merges.
 
-    python benchmarks/lm_track.py --preset quick            # ~5 min on 2 CPU cores once stand-ins are cached
+    python benchmarks/lm_track.py --preset quick            # ~15 min on 2 CPU cores from an empty cache
     python benchmarks/lm_track.py --preset micro --out /tmp/lm   # smoke run
     python benchmarks/compare_merges.py --track lm          # the same, from the shared entry point
 
@@ -14,8 +14,10 @@ fine-tuned into one expert per domain (the code expert *is* the Mistral backbone
 (``linear``, ``ties``, ``dare_ties``; `fusion_llm.merging`, mergekit's own ``run_merge``).
 
 Compared per domain, in bits per byte (`fusion_llm.scoring`; every model on the same test texts, each
-with its own tokenizer): each backbone alone; the fused model (LM head on the Mistral anchor, trained on
-the mixture through `fusion_llm.training.train`); the anchor fine-tuned with LoRA (peft) with about as
+with its own tokenizer): each backbone alone; the fused models (LM head on the Mistral anchor, trained on
+the mixture through `fusion_llm.training.train`: the hidden-state head, and the same head with every member's
+own next-token distribution mixed in by a per-position mixer, `FUSED_VARIANTS`; the headline is the one better
+on the validation rows); the anchor fine-tuned with LoRA (peft) with about as
 many trainable parameters as the fusion head, on the same rows, batch and schedule; the merges. All
 frozen models load in 4-bit nf4 (the path a real backbone takes); LoRA trains on the nf4 anchor (QLoRA).
 
@@ -70,12 +72,13 @@ class LMPreset:
         gen_prompts, gen_tokens: the generation benchmark (prompts, new tokens each).
         quantization: how every frozen model loads.
         fused_variants: names in ``FUSED_VARIANTS`` trained and scored; the headline is chosen on validation.
-        mixer_steps, mixer_lr: the route variant (`STAGED`): its prediction mixer trains alone on the trained
-            hidden-state head for this many steps (the first ``mixer_steps x head_batch`` rows of the head's own
-            rows), at this rate. A step carries every source's whole top-4096 distribution (~5 s on these
-            stand-ins: the members' output layers over 32k-262k vocabularies dwarf their 4-layer bodies), so the
-            mixer trains on the finished head rather than the whole head on the routes for every step.
-            ``mixer_lr`` was chosen on the validation rows from {1e-3, 3e-3, 1e-2, 3e-2} (quick, 40 steps).
+        mixer_steps, mixer_lr: the route variant (`STAGED`): the trained hidden-state head, given the prediction
+            mixer, trains on for this many steps (the first ``mixer_steps x head_batch`` of the head's own rows)
+            at this rate, with every member's top-4096 prediction route mixed in. A step with the routes costs ~5 s
+            on these stand-ins (the members' output layers over 32k-262k vocabularies dwarf their 4-layer bodies;
+            0.44 s without), so the routes join for the last steps only. Chosen on the validation rows (quick, 40
+            steps, 12 rows per domain, mixture bits/byte): the mixer alone at 1e-3 / 3e-3 / 1e-2 / 3e-2: 2.928 /
+            2.878 / 2.885 / 2.888; mixer and residual at 3e-3: 2.862; the whole head at 3e-3: 2.856.
     """
 
     name: str
@@ -146,9 +149,9 @@ FUSED_VARIANTS = {
     "concat head + source predictions": {**FUSION_MODEL, "head": {**FUSION_MODEL["head"], "source_predictions": True,
                                                                   "source_top_k": 4096}},
 }
-# Variants trained on another variant's finished head (`train.init_head`), only the named parts free, for the
-# preset's ``mixer_steps`` at ``mixer_lr``.
-STAGED = {"concat head + source predictions": {"from": "concat head, hidden states", "train_only": ["mixer"]}}
+# Variants trained on another variant's finished head (`train.init_head`) for the preset's ``mixer_steps`` at
+# ``mixer_lr``: ``train_only`` the named parts (`train.train_only`), or None: the whole head, its new mixer included.
+STAGED = {"concat head + source predictions": {"from": "concat head, hidden states", "train_only": None}}
 # mergekit's usual settings (not tuned on any split): equal weights, half of each task vector kept.
 MERGES = {"linear": {}, "ties": {"density": 0.5}, "dare_ties": {"density": 0.5}}
 
@@ -236,9 +239,7 @@ def pretrain_recipes(recipes: dict, threads: int | None = None, log=None) -> dic
     from benchmarks.lm.pretraining import pretrain_standin
 
     if threads:
-        from benchmarks.lm.real import _quiet
-
-        _quiet(threads)
+        _quiet_worker(threads)
     return {name: pretrain_standin(r, log=log or (lambda *_: None)) for name, r in recipes.items()}
 
 
@@ -318,15 +319,16 @@ def fused_run_config(preset: LMPreset, dirs: dict[str, Path], output_dir: Path, 
         for key in ("num_hidden_layers", "hidden_size", "max_position_embeddings"):
             b.pop(key)
     steps, lr, warmup = preset.head_steps, preset.head_lr, preset.head_warmup
-    stage = {}
+    stage, eval_rows = {}, min(32, 4 * preset.eval_rows)  # quick and full: 32; micro: 8
     if init is not None:
         steps, lr, warmup = preset.mixer_steps, preset.mixer_lr, max(1, preset.mixer_steps // 10)
-        stage = {"init_head": str(init), "train_only": list(train_only or ["mixer"])}
+        stage = {"init_head": str(init), **({"train_only": list(train_only)} if train_only else {})}
+        eval_rows = min(8, eval_rows)  # its loop's two evaluations carry every route too: the track scores it anyway
     return build_run_config({
         "model": {"backbones": backbones, **(model or FUSION_MODEL)},
         "data": {"files": {"train": files["train"], "validation": files["validation"]}, "max_length": preset.head_seq,
                  "max_train_examples": steps * preset.head_batch,
-                 "max_eval_examples": min(32, 4 * preset.eval_rows)},  # quick and full: 32; micro: 8
+                 "max_eval_examples": eval_rows},
         "train": {"lr": lr, "batch_size": preset.head_batch, "max_steps": steps, "warmup_steps": warmup,
                   "eval_every": steps, "checkpoint_every": steps, "seed": 0, **stage},
         "output_dir": str(output_dir), "tracker": "jsonl",
@@ -362,9 +364,7 @@ def train_variant(preset: LMPreset, dirs: dict[str, Path], cache: Path, use_cach
     in ``heads``: label -> (head folder, summary)). Its summary's ``train_seconds`` and ``steps`` count every stage.
     ``threads``: set in a worker process (which also logs nothing)."""
     if threads:
-        from benchmarks.lm.real import _quiet
-
-        _quiet(threads)
+        _quiet_worker(threads)
     log = log or (lambda *_: None)
     staged = STAGED.get(label)
     if staged is None:
@@ -726,6 +726,15 @@ class Worker:
             self.pool.shutdown()
 
 
+def _quiet_worker(threads: int) -> None:
+    """A worker process: ``threads`` torch threads, no library logs or progress bars (the first process reports; an
+    error comes back through the stage's future)."""
+    from benchmarks.lm.real import _quiet
+
+    sys.stderr = open(os.devnull, "w")  # training's own progress bar and library warnings
+    _quiet(threads)
+
+
 def head_size(preset: LMPreset, dirs: dict[str, Path], cache: Path, model: dict, loaded: dict) -> int:
     """Parameters of a fused head of ``model`` (untrained: the count does not depend on training)."""
     from fusion_llm.modeling import FusionModel
@@ -740,9 +749,7 @@ def lora_scores(preset: LMPreset, dirs: dict[str, Path], head_params: int, cache
     from fusion_llm.scoring import hf_logits_fn, score_causal_lm
 
     if threads:
-        from benchmarks.lm.real import _quiet
-
-        _quiet(threads)
+        _quiet_worker(threads)
     peft_model, info = train_lora(preset, dirs["mistral-code"], head_params, cache, use_cache, lambda *_: None,
                                   steps=steps)
     from transformers import AutoTokenizer
