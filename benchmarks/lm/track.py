@@ -358,17 +358,28 @@ def train_fused(preset: LMPreset, dirs: dict[str, Path], cache: Path, use_cache:
     return Path(summary["output"]), summary
 
 
-def train_variant(preset: LMPreset, dirs: dict[str, Path], cache: Path, use_cache: bool, label: str,
-                  heads: dict[str, tuple[Path, dict]], log=None, threads: int | None = None) -> tuple[Path, dict]:
-    """Train one of ``FUSED_VARIANTS`` (a `STAGED` one on the finished head of the variant it starts from, given
-    in ``heads``: label -> (head folder, summary)). Its summary's ``train_seconds`` and ``steps`` count every stage.
-    ``threads``: set in a worker process (which also logs nothing)."""
+def train_variants(preset: LMPreset, dirs: dict[str, Path], cache: Path, use_cache: bool, labels: list[str],
+                   log=None, threads: int | None = None) -> dict[str, tuple[Path, dict]]:
+    """`train_variant` of each label in turn (a staged one after the variant it starts from): label -> (head folder,
+    summary)."""
     if threads:
         _quiet_worker(threads)
+    trained = {}
+    for label in labels:
+        trained[label] = train_variant(preset, dirs, cache, use_cache, label, trained, log)
+    return trained
+
+
+def train_variant(preset: LMPreset, dirs: dict[str, Path], cache: Path, use_cache: bool, label: str,
+                  heads: dict[str, tuple[Path, dict]], log=None) -> tuple[Path, dict]:
+    """Train one of ``FUSED_VARIANTS`` (a `STAGED` one on the finished head of the variant it starts from, given
+    in ``heads``: label -> (head folder, summary)). Its summary's ``train_seconds`` and ``steps`` count every stage."""
     log = log or (lambda *_: None)
     staged = STAGED.get(label)
     if staged is None:
         return train_fused(preset, dirs, cache, use_cache, log, model=FUSED_VARIANTS[label])
+    if staged["from"] not in heads:  # the head it starts from, when the preset does not list it
+        heads[staged["from"]] = train_variant(preset, dirs, cache, use_cache, staged["from"], heads, log)
     base_dir, base = heads[staged["from"]]
     head_dir, summary = train_fused(preset, dirs, cache, use_cache, log, model=FUSED_VARIANTS[label], init=base_dir,
                                     train_only=staged["train_only"])
@@ -832,45 +843,18 @@ def run_lm_track(preset: str, out_dir: Path, *, use_cache: bool = True, task_ite
 
     validation = eval_texts(p, "validation")
     in_worker = 1 if worker.pool else None  # a worker process: one thread, no log
-    trained, pending = {}, {}
-    first = [label for label in p.fused_variants if label not in STAGED]
-    staged = [label for label in p.fused_variants if label in STAGED]
-    for label in first:  # trained in the worker while this process scores the members and the same-steps LoRA
-        pending[label] = worker.submit(train_variant, p, dirs, cache, use_cache, label, {}, None if in_worker else log,
-                                       in_worker)
+    # Every fused variant trains in the worker, one after the other (a staged one on the head before it), while
+    # this process scores the members, trains the same-steps LoRA control and scores the merges.
+    heads = worker.submit(train_variants, p, dirs, cache, use_cache, list(p.fused_variants),
+                          None if in_worker else log, in_worker)
     loaded, entries = stages.run("backbones alone", alone_all)
     # The LoRA controls match the largest fused variant's trainable parameters (counted on an untrained head) and
     # the longest one's optimizer steps.
     head_params = max(head_size(p, dirs, cache, FUSED_VARIANTS[label], loaded) for label in p.fused_variants)
     lora_entry = stages.run("LoRA control (same steps): train + score", lora_scores, p, dirs, head_params, cache,
                             use_cache, "same steps", p.total_steps, texts, task_folder)
-
-    def scored(label: str, head_dir: Path, summary: dict, split: str):
-        model = FusionModel.from_pretrained(head_dir, backbones=loaded)
-        if split == "validation":
-            val = sum((score_fused(model, t) for t in validation.values()), start=LMScore())
-            return model, val.bits_per_byte
-        params = sum(x.numel() for x in model.head.parameters())
-        scores = {d: score_fused(model, t) for d, t in texts.items()}
-        return model, _entry(f"fused: {label}", "fused", scores, vocabulary="mistral", trainable_params=params,
-                             fusion_model=FUSED_VARIANTS[label], train_seconds=summary.get("train_seconds"),
-                             train_summary={k: summary.get(k) for k in ("steps", "final", "anchor_eval",
-                                                                        "tokens_per_second", "stage_seconds")},
-                             task_accuracy=task_accuracy(model, p.task_items, task_folder))
-
-    fused_models, fused_entries, val_bits = {}, {}, {}
-    for label in first:
-        trained[label] = stages.run(f"fused ({label}): train (waited for)", pending.pop(label).result)
-    for label in staged:  # their mixers train in the worker while this process scores the heads they start from
-        pending[label] = worker.submit(train_variant, p, dirs, cache, use_cache, label, dict(trained),
-                                       None if in_worker else log, in_worker)
-    for label in first:
-        _, val_bits[label] = stages.run(f"fused ({label}): validation", scored, label, *trained[label], "validation")
-        fused_models[label], fused_entries[label] = stages.run(f"fused ({label}): score", scored, label,
-                                                               *trained[label], "test")
     merge_entries = stages.run("merges: mergekit + score", merge_scores, dirs, cache, use_cache, p, texts)
-    for label in staged:
-        trained[label] = stages.run(f"fused ({label}): train (waited for)", pending.pop(label).result)
+    trained = stages.run("fused heads: train (waited for)", heads.result)
     # The second control trains as long as the headline's head did (wall-clock, every stage), at LoRA's own pace. It
     # starts in the worker before the headline is known, for the variant that trained longest (this process scores
     # meanwhile), and trains again only if another variant is chosen.
@@ -882,17 +866,28 @@ def run_lm_track(preset: str, out_dir: Path, *, use_cache: bool = True, task_ite
     longest = max(p.fused_variants, key=lambda label: trained[label][1]["train_seconds"] or 0)
     lora_time = (worker.submit(lora_scores, p, dirs, head_params, cache, use_cache, "same time", time_steps(longest),
                                texts, task_folder, in_worker) if worker.pool else None)
-    for label in staged:
-        _, val_bits[label] = stages.run(f"fused ({label}): validation", scored, label, *trained[label], "validation")
-    headline = min(p.fused_variants, key=lambda label: val_bits[label])  # chosen on validation rows
-    for label in staged:
+
+    def scored(label: str, head_dir: Path, summary: dict):
+        model = FusionModel.from_pretrained(head_dir, backbones=loaded)
+        val = sum((score_fused(model, t) for t in validation.values()), start=LMScore())
+        params = sum(x.numel() for x in model.head.parameters())
+        scores = {d: score_fused(model, t) for d, t in texts.items()}
+        return model, _entry(f"fused: {label}", "fused", scores, vocabulary="mistral", trainable_params=params,
+                             validation_bits_per_byte=val.bits_per_byte, fusion_model=FUSED_VARIANTS[label],
+                             train_seconds=summary.get("train_seconds"),
+                             train_summary={k: summary.get(k) for k in ("steps", "final", "anchor_eval",
+                                                                        "tokens_per_second", "stage_seconds")},
+                             task_accuracy=task_accuracy(model, p.task_items, task_folder))
+
+    fused_models, fused_entries = {}, {}
+    for label in p.fused_variants:
         fused_models[label], fused_entries[label] = stages.run(f"fused ({label}): score", scored, label,
-                                                               *trained[label], "test")
+                                                               *trained[label])
+    # chosen on validation rows
+    headline = min(p.fused_variants, key=lambda label: fused_entries[label]["validation_bits_per_byte"])
     if lora_time is None or time_steps(headline) != time_steps(longest):
         lora_time = worker.submit(lora_scores, p, dirs, head_params, cache, use_cache, "same time",
                                   time_steps(headline), texts, task_folder, in_worker)
-    for label, entry in fused_entries.items():
-        entry["validation_bits_per_byte"] = val_bits[label]
     fused_entries[headline]["headline"] = True
     model = fused_models[headline]
     lora_time_entry = stages.run("LoRA control (same time): train + score (waited for)", lora_time.result)
