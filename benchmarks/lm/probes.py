@@ -237,7 +237,7 @@ def _curve_point(kind: str, steps: int, width: int, cache: str, threads: int) ->
     import dataclasses
 
     from benchmarks.lm import track as L
-    from benchmarks.lm.real import _quiet
+    from benchmarks.lm.track import quiet as _quiet
     from fusion_llm.modeling import FusionModel
     from fusion_llm.scoring import hf_logits_fn, score_causal_lm, score_fused
 

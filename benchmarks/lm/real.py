@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.lm import track as lm_track  # the LM track's corpora, scoring, LoRA and report helpers
-from benchmarks.lm.track import COLUMNS, DOMAINS, _entry, _key
+from benchmarks.lm.track import COLUMNS, DOMAINS, _entry, _key, quiet as _quiet
 from benchmarks.store import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -161,16 +161,6 @@ def _backbone_dicts(anchor: str, members: dict, preset: RealPreset, ranks: dict 
 
 
 # ---- worker tasks (each in its own process, one torch thread) ------------------------------------------
-def _quiet(threads: int) -> None:
-    import datasets
-    from transformers.utils import logging as hf_logging
-
-    torch.set_num_threads(threads)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-
-
 def _greedy(model_dir: Path, spec, prompt: str, n: int) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -737,13 +737,22 @@ class Worker:
             self.pool.shutdown()
 
 
+def quiet(threads: int) -> None:
+    """``threads`` torch threads, and no library logs or progress bars (a worker process)."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(threads)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
 def _quiet_worker(threads: int) -> None:
     """A worker process: ``threads`` torch threads, no library logs or progress bars (the first process reports; an
     error comes back through the stage's future)."""
-    from benchmarks.lm.real import _quiet
-
     sys.stderr = open(os.devnull, "w")  # training's own progress bar and library warnings
-    _quiet(threads)
+    quiet(threads)
 
 
 def head_size(preset: LMPreset, dirs: dict[str, Path], cache: Path, model: dict, loaded: dict) -> int:
