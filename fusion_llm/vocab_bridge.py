@@ -149,18 +149,20 @@ class VocabBridge:
         self.extension_start = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])  # (V_src + 1,)
         self.extension_ids = torch.tensor([v for e in extensions for v in e], dtype=torch.long)  # (nnz,)
         self.mapped = torch.tensor([b is not None for b in anc])  # (V_anchor,)
-        self.unmapped = (~self.mapped).nonzero().flatten()
 
     @torch.no_grad()
     def sparse_correction(self, top_log_probs: torch.Tensor, top_ids: torch.Tensor, anchor_log_probs: torch.Tensor,
-                          anchor_lse: torch.Tensor | None = None, rows: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+                          anchor_lse: torch.Tensor | None = None, dense: bool | None = None,
+                          rows: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
         """The source's distribution in the anchor's vocabulary, as a correction to ``log(rest * P_anchor)``,
         kept sparse: the correction is zero except where the top-k's mass lands (each top-k token's first anchor
         token or its extensions), so a (N, V_anchor) tensor is never built.
 
-        The mass is summed ``rows`` positions at a time into a dense (rows, V_anchor) scratch (a scatter: no sort of
-        the k x extensions entries, which cost more than everything else here at a wide top-k) and read back where
-        it is not zero.
+        The mass landing on one anchor token from several entries is summed either by sorting the entries' keys
+        (cost ~ k x extensions per position) or, with ``dense``, in a (rows, V_anchor) scratch ``rows`` positions at a
+        time, read back where it is not zero (cost ~ V_anchor per position, no sort). By default ``dense`` when the
+        top-k is at least 1/8 of the anchor's vocabulary (a wide route: 4096 tokens over Mistral's 32k, where the
+        sort cost more than everything else); both give the same result.
 
         Args:
             top_log_probs, top_ids: (N, k) the source's most likely next tokens and their log-probabilities
@@ -177,18 +179,33 @@ class VocabBridge:
         anchor_log_probs = anchor_log_probs[:, :size]
         lse = torch.zeros(n, device=anchor_log_probs.device) if anchor_lse is None else anchor_lse.float()
         rest = self.rest(top_log_probs, top_ids)
+        if dense is None:
+            dense = top_ids.shape[1] * 8 >= size
+        if not dense:
+            at, placed = self._placed(top_log_probs, top_ids, anchor_log_probs, lse)
+            keep = (placed > 0) & (at % (size + 1) < size)  # unspellable tokens (and shared first tokens): nothing
+            spare = at[keep]
+            keys, inverse = torch.unique(spare // (size + 1) * size + spare % (size + 1), return_inverse=True)
+            mass = torch.zeros(keys.shape[0]).scatter_add_(0, inverse, placed[keep])
+            return self._values(keys, mass, anchor_log_probs, lse, rest)
         keys, values = [], []
         scratch = torch.zeros(min(rows, n) * (size + 1))
         for a in range(0, n, rows):
             b = min(a + rows, n)
-            k_, v_ = self._chunk_correction(top_log_probs[a:b], top_ids[a:b], anchor_log_probs[a:b], lse[a:b],
-                                            rest[a:b], scratch[: (b - a) * (size + 1)])
+            at, placed = self._placed(top_log_probs[a:b], top_ids[a:b], anchor_log_probs[a:b], lse[a:b])
+            part = scratch[: (b - a) * (size + 1)]
+            part.index_add_(0, at, placed)
+            landed = part.view(b - a, size + 1)[:, :size]
+            r, c = landed.nonzero(as_tuple=True)  # ascending, distinct
+            k_, v_ = self._values(r * size + c, landed[r, c], anchor_log_probs[a:b], lse[a:b], rest[a:b])
+            part.zero_()
             keys.append(k_ + a * size)
             values.append(v_)
         return torch.cat(keys), torch.cat(values)
 
-    def _chunk_correction(self, top_log_probs, top_ids, anchor_logits, lse, rest, scratch):
-        """`sparse_correction` on a few rows; ``scratch``: zeros (rows * (V_anchor + 1),), left zeroed."""
+    def _placed(self, top_log_probs, top_ids, anchor_logits, lse) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where each top-k entry's mass lands: ``(at, mass)``, ``at`` indexing a (n, V_anchor + 1) table (the spare
+        column: no anchor token spells the source token's start; its mass goes to the rest) and ``mass`` >= 0."""
         n, k, size = top_ids.shape[0], top_ids.shape[1], self.anchor_size
         top_p = top_log_probs.float().exp().flatten()  # (n*k,)
         ids = top_ids.flatten()
@@ -201,19 +218,21 @@ class VocabBridge:
         ext_p = (anchor_logits[ext_row, ext].float() - lse[ext_row]).exp_()  # (P,) the anchor's own mass there
         z = torch.zeros(n * k).index_add_(0, entry, ext_p)  # anchor mass on the tokens that spell u or extend it
         shared = z > 0  # u's mass is shared among its extensions, else all on its first token
-        first = self.first_anchor[ids]  # anchor_size = no anchor token spells u's start (mass -> a spare column)
+        first = self.first_anchor[ids]  # anchor_size = no anchor token spells u's start (mass -> the spare column)
         placed = torch.cat([torch.where(shared, torch.zeros_like(top_p), top_p),
                             top_p[entry] * ext_p / z[entry].clamp_min(1e-30)])  # (n*k + P,)
-        starts = torch.arange(n).unsqueeze(1) * (size + 1)  # (n, 1) each row's start in the scratch
-        flat = torch.cat([(starts + first.view(n, k)).flatten(), starts.flatten()[ext_row] + ext])
-        scratch.index_add_(0, flat, placed)
-        landed = scratch.view(n, size + 1)[:, :size]
-        landed.index_fill_(1, self.unmapped, 0.0)  # anchor tokens without bytes get no correction
-        rows, cols = landed.nonzero(as_tuple=True)  # ascending, distinct
-        mass = landed[rows, cols]
-        scratch.zero_()
+        starts = torch.arange(n).unsqueeze(1) * (size + 1)  # (n, 1) each row's start in the table
+        return torch.cat([(starts + first.view(n, k)).flatten(), starts.flatten()[ext_row] + ext]), placed
+
+    def _values(self, keys, mass, anchor_logits, lse, rest) -> tuple[torch.Tensor, torch.Tensor]:
+        """``log1p(mass / (rest * P_anchor))`` at ``keys`` (into the flattened (n, V_anchor)), anchor tokens without
+        bytes left out."""
+        size = self.anchor_size
+        rows, cols = keys // size, keys % size
         floor = ((anchor_logits[rows, cols].float() - lse[rows]).exp() * rest[rows]).clamp_min_(1e-30)
-        return rows * size + cols, mass.div_(floor).log1p_()
+        values = mass.div_(floor).log1p_()
+        mapped = self.mapped[cols]
+        return keys[mapped], values[mapped]
 
     def correction(self, top_log_probs: torch.Tensor, top_ids: torch.Tensor,
                    anchor_log_probs: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from fusion_llm.vocab_bridge import VocabBridge, token_bytes
+from fusion_llm.vocab_bridge import VocabBridge, less_next, token_bytes
 
 from conftest import NEEDS_TOKENIZERS
 
@@ -78,6 +78,24 @@ def test_bridge_matches_its_definition(tokenizers):
                 (row, anchor.convert_ids_to_tokens(v))
     special = anchor.bos_token_id
     assert got[0, special] == anchor_lp[0, special]  # no bytes: the anchor's own
+
+
+@pytest.mark.parametrize("k", [64, 4096])
+def test_the_sorted_and_the_dense_sums_agree(tokenizers, k):
+    """`sparse_correction` sums the mass landing on one anchor token by sorting the entries' keys or in a dense
+    scratch a few rows at a time (the default for a wide top-k): the same keys, the same values."""
+    source, anchor = tokenizers["llama3"], tokenizers["mistral"]
+    bridge = VocabBridge(source, anchor)
+    torch.manual_seed(1)
+    source_lp = (3 * torch.randn(5, bridge.source_size)).log_softmax(-1)
+    anchor_logits = 3 * torch.randn(5, bridge.anchor_size)
+    top, ids = less_next(*source_lp.topk(k + 1, -1), k)
+    lse = torch.logsumexp(anchor_logits, -1)
+    sorted_keys, sorted_values = bridge.sparse_correction(top, ids, anchor_logits, lse, dense=False)
+    dense_keys, dense_values = bridge.sparse_correction(top, ids, anchor_logits, lse, dense=True, rows=2)
+    assert sorted_keys.numel() > 5 * k // 2
+    assert torch.equal(sorted_keys, dense_keys)
+    torch.testing.assert_close(sorted_values, dense_values, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", ["llama3", "gemma2"])

@@ -79,6 +79,8 @@ class LMPreset:
             0.44 s without), so the routes join for the last steps only. Chosen on the validation rows (quick, 40
             steps, 12 rows per domain, mixture bits/byte): the mixer alone at 1e-3 / 3e-3 / 1e-2 / 3e-2: 2.928 /
             2.878 / 2.885 / 2.888; mixer and residual at 3e-3: 2.862; the whole head at 3e-3: 2.856.
+        route_top_k: source tokens each member's route carries (``head.source_top_k`` of the route variant;
+            ``micro``, a smoke run, carries 256).
     """
 
     name: str
@@ -94,6 +96,7 @@ class LMPreset:
     fused_variants: tuple = ("concat head, hidden states", "concat head + source predictions")
     mixer_steps: int = 40
     mixer_lr: float = 3e-3
+    route_top_k: int = 4096
     head_lr: float = 1e-2
     lora_lr: float = 5e-3
     head_warmup: int = 10
@@ -105,7 +108,7 @@ class LMPreset:
         """The fields a stage's training reads (its cache recipe): which entries are scored on the task is not one,
         nor the mixer's schedule (in the recipe of the stage it trains only)."""
         return {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in ("task_items", "mixer_steps", "mixer_lr", "fused_variants")}
+                if k not in ("task_items", "mixer_steps", "mixer_lr", "route_top_k", "fused_variants")}
 
     @property
     def total_steps(self) -> int:
@@ -115,7 +118,8 @@ class LMPreset:
 
 PRESETS = {
     "micro": LMPreset("micro", pretrain_steps=16, pretrain_batch=4, pretrain_seq=32, head_steps=6, head_batch=4,
-                      head_seq=32, eval_rows=2, gen_prompts=2, gen_tokens=4, head_warmup=2, mixer_steps=2),
+                      head_seq=32, eval_rows=2, gen_prompts=2, gen_tokens=4, head_warmup=2, mixer_steps=2,
+                      route_top_k=256),
     "quick": LMPreset("quick", pretrain_steps=200, pretrain_batch=8, pretrain_seq=64, head_steps=300, head_batch=8,
                       head_seq=64, eval_rows=24, gen_prompts=4, gen_tokens=16),
     "full": LMPreset("full", pretrain_steps=1500, pretrain_batch=16, pretrain_seq=128, head_steps=1000,
@@ -147,7 +151,7 @@ FUSION_MODEL = {"shared_width": 64, "adapter": {"kind": "linear", "layer_norm": 
 FUSED_VARIANTS = {
     "concat head, hidden states": FUSION_MODEL,
     "concat head + source predictions": {**FUSION_MODEL, "head": {**FUSION_MODEL["head"], "source_predictions": True,
-                                                                  "source_top_k": 4096}},
+                                                                  "source_top_k": 4096}},  # the preset's route_top_k
 }
 # Variants trained on another variant's finished head (`train.init_head`) for the preset's ``mixer_steps`` at
 # ``mixer_lr``: ``train_only`` the named parts (`train.train_only`), or None: the whole head, its new mixer included.
@@ -358,6 +362,14 @@ def train_fused(preset: LMPreset, dirs: dict[str, Path], cache: Path, use_cache:
     return Path(summary["output"]), summary
 
 
+def variant_model(preset: LMPreset, label: str) -> dict:
+    """The model of one of ``FUSED_VARIANTS`` in this preset (a route variant carries ``route_top_k`` tokens)."""
+    model = FUSED_VARIANTS[label]
+    if model["head"].get("source_predictions"):
+        model = {**model, "head": {**model["head"], "source_top_k": preset.route_top_k}}
+    return model
+
+
 def train_variants(preset: LMPreset, dirs: dict[str, Path], cache: Path, use_cache: bool, labels: list[str],
                    log=None, threads: int | None = None) -> dict[str, tuple[Path, dict]]:
     """`train_variant` of each label in turn (a staged one after the variant it starts from): label -> (head folder,
@@ -377,11 +389,11 @@ def train_variant(preset: LMPreset, dirs: dict[str, Path], cache: Path, use_cach
     log = log or (lambda *_: None)
     staged = STAGED.get(label)
     if staged is None:
-        return train_fused(preset, dirs, cache, use_cache, log, model=FUSED_VARIANTS[label])
+        return train_fused(preset, dirs, cache, use_cache, log, model=variant_model(preset, label))
     if staged["from"] not in heads:  # the head it starts from, when the preset does not list it
         heads[staged["from"]] = train_variant(preset, dirs, cache, use_cache, staged["from"], heads, log)
     base_dir, base = heads[staged["from"]]
-    head_dir, summary = train_fused(preset, dirs, cache, use_cache, log, model=FUSED_VARIANTS[label], init=base_dir,
+    head_dir, summary = train_fused(preset, dirs, cache, use_cache, log, model=variant_model(preset, label), init=base_dir,
                                     train_only=staged["train_only"])
     return head_dir, {**summary, "stage_seconds": summary.get("train_seconds"),
                       "train_seconds": (base.get("train_seconds") or 0) + (summary.get("train_seconds") or 0),
@@ -807,7 +819,10 @@ def schedules(preset: LMPreset) -> str:
             f"expert {p.pretrain_steps // 2} steps, batch {p.pretrain_batch} x {p.pretrain_seq} tokens, AdamW "
             f"lr {p.pretrain_lr} cosine; fusion head and LoRA: {p.head_steps} steps, batch {p.head_batch} x "
             f"{p.head_seq} anchor tokens, AdamW (lr {p.head_lr} head, {p.lora_lr} LoRA; chosen on validation), "
-            f"warmup {p.head_warmup}, cosine, on the mixture")
+            f"warmup {p.head_warmup}, cosine, on the mixture"
+            + (f"; route variant: {p.mixer_steps} more steps of the whole head with the members' routes (AdamW lr "
+               f"{p.mixer_lr}, cosine); the same-steps LoRA control: {p.total_steps} steps" if any(v in STAGED for v in p.fused_variants)
+               else ""))
 
 
 def run_lm_track(preset: str, out_dir: Path, *, use_cache: bool = True, task_items: int | None = None,
@@ -859,7 +874,7 @@ def run_lm_track(preset: str, out_dir: Path, *, use_cache: bool = True, task_ite
     loaded, entries = stages.run("backbones alone", alone_all)
     # The LoRA controls match the largest fused variant's trainable parameters (counted on an untrained head) and
     # the longest one's optimizer steps.
-    head_params = max(head_size(p, dirs, cache, FUSED_VARIANTS[label], loaded) for label in p.fused_variants)
+    head_params = max(head_size(p, dirs, cache, variant_model(p, label), loaded) for label in p.fused_variants)
     lora_entry = stages.run("LoRA control (same steps): train + score", lora_scores, p, dirs, head_params, cache,
                             use_cache, "same steps", p.total_steps, texts, task_folder)
     merge_entries = stages.run("merges: mergekit + score", merge_scores, dirs, cache, use_cache, p, texts)
@@ -882,7 +897,7 @@ def run_lm_track(preset: str, out_dir: Path, *, use_cache: bool = True, task_ite
         params = sum(x.numel() for x in model.head.parameters())
         scores = {d: score_fused(model, t) for d, t in texts.items()}
         return model, _entry(f"fused: {label}", "fused", scores, vocabulary="mistral", trainable_params=params,
-                             validation_bits_per_byte=val.bits_per_byte, fusion_model=FUSED_VARIANTS[label],
+                             validation_bits_per_byte=val.bits_per_byte, fusion_model=variant_model(p, label),
                              train_seconds=summary.get("train_seconds"),
                              train_summary={k: summary.get(k) for k in ("steps", "final", "anchor_eval",
                                                                         "tokens_per_second", "stage_seconds")},
