@@ -121,13 +121,16 @@ def _epoch_loader(dataset, epoch: int, seed: int, batch_size: int, collate, acce
 
 def freeze_all_but(head, parts: list[str]) -> None:
     """Only the head's parameters whose names start with one of ``parts`` train (``train.train_only``)."""
+    def within(name: str, part: str) -> bool:
+        return name == part or name.startswith(part + ".")
+
     names = [n for n, _ in head.named_parameters()]
     for part in parts:
-        if not any(n == part or n.startswith(part + ".") for n in names):
+        if not any(within(n, part) for n in names):
             roots = sorted({n.split(".")[0] for n in names})
             raise ConfigError(f"train.train_only: {part!r} names no part of this head (its parts: {', '.join(roots)})")
     for name, param in head.named_parameters():
-        param.requires_grad_(any(name == part or name.startswith(part + ".") for part in parts))
+        param.requires_grad_(any(within(name, part) for part in parts))
 
 
 def _param_groups(head, tcfg) -> list[dict]:

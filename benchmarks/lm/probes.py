@@ -237,11 +237,11 @@ def _curve_point(kind: str, steps: int, width: int, cache: str, threads: int) ->
     import dataclasses
 
     from benchmarks.lm import track as L
-    from benchmarks.lm.track import quiet as _quiet
+    from benchmarks.lm.track import quiet
     from fusion_llm.modeling import FusionModel
     from fusion_llm.scoring import hf_logits_fn, score_causal_lm, score_fused
 
-    _quiet(threads)
+    quiet(threads)
     preset = dataclasses.replace(L.get_preset("quick"), head_steps=steps)
     dirs = L.pretrain_all(preset, lambda *a: None)
     texts = L.eval_texts(preset, "validation")

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.lm import track as lm_track  # the LM track's corpora, scoring, LoRA and report helpers
-from benchmarks.lm.track import COLUMNS, DOMAINS, _entry, _key, quiet as _quiet
+from benchmarks.lm.track import COLUMNS, DOMAINS, _entry, _key, quiet
 from benchmarks.store import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -181,7 +181,7 @@ def _task_folder(cache: Path) -> Path:
 
 def task_alone(name: str, members: dict, preset: RealPreset, cache: Path, threads: int) -> dict:
     """One member alone: bits/byte on test and validation rows, the harness task's accuracy, a greedy sample."""
-    _quiet(threads)
+    quiet(threads)
     from fusion_llm.backbones import load_backbone
 
     spec = _spec(name, members, preset, anchor=True)
@@ -199,7 +199,7 @@ def task_lora(name: str, members: dict, preset: RealPreset, target: int, cache: 
               steps: int | None = None) -> dict:
     """LoRA on one member (lm_track's recipe: peft, all decoder Linears, the mixture rows the head trains on;
     ``steps`` optimizer steps, default the head's)."""
-    _quiet(threads)
+    quiet(threads)
     from fusion_llm.scoring import hf_logits_fn, score_causal_lm
 
     spec = _spec(name, members, preset, anchor=True)
@@ -222,7 +222,7 @@ def task_fused(anchor: str, members: dict, preset: RealPreset, head: dict, cache
                ranks: dict | None = None, label: str = "") -> dict:
     """The fused model with ``anchor``'s vocabulary (member adapters of ``ranks``): trained by
     `fusion_llm.training.train`, then scored."""
-    _quiet(threads)
+    quiet(threads)
     from fusion_llm.data.corpora import corpus_files
     from fusion_llm.generation import generate
     from fusion_llm.scoring import score_fused
@@ -617,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="score every entry on the harness task fusion_continuation, this many test items per "
                              "domain (default the preset's: 0, not scored; ~1-3 s per item and model on 1 thread)")
     args = parser.parse_args(argv)
-    _quiet(1)
+    quiet(1)
     out_dir = Path(args.out) if args.out else ROOT / "results" / "compare_merges" / args.preset
     try:
         if args.sweep:

@@ -763,7 +763,8 @@ def quiet(threads: int) -> None:
 def _quiet_worker(threads: int) -> None:
     """A worker process: ``threads`` torch threads, no library logs or progress bars (the first process reports; an
     error comes back through the stage's future)."""
-    sys.stderr = open(os.devnull, "w")  # training's own progress bar and library warnings
+    if getattr(sys.stderr, "name", None) != os.devnull:  # once per process (several stages may run in it)
+        sys.stderr = open(os.devnull, "w")  # training's own progress bar and library warnings
     quiet(threads)
 
 
@@ -776,19 +777,16 @@ def head_size(preset: LMPreset, dirs: dict[str, Path], cache: Path, model: dict,
 
 
 def lora_scores(preset: LMPreset, dirs: dict[str, Path], head_params: int, cache: Path, use_cache: bool,
-                control: str, steps: int, texts: dict, task_folder: Path, threads: int | None = None) -> dict:
-    """The LoRA control's entry: trained (`train_lora`, or reused) and scored. ``threads``: set in a worker."""
+                control: str, steps: int, texts: dict, task_folder: Path, tokenizer,
+                threads: int | None = None) -> dict:
+    """The LoRA control's entry: trained (`train_lora`, or reused) and scored with the anchor's ``tokenizer`` (the
+    loaded anchor's). ``threads``: set in a worker."""
     from fusion_llm.scoring import hf_logits_fn, score_causal_lm
 
     if threads:
         _quiet_worker(threads)
     peft_model, info = train_lora(preset, dirs["mistral-code"], head_params, cache, use_cache, lambda *_: None,
                                   steps=steps)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(dirs["mistral-code"]))
-    if tokenizer.pad_token is None:  # as `fusion_llm.backbones.load_backbone` sets it
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     fn = hf_logits_fn(peft_model)
     scores = {d: score_causal_lm(fn, tokenizer, t, max_positions=1024) for d, t in texts.items()}
     return _entry(f"LoRA r={info['rank']} on the anchor, {control} ({info['steps']} steps)", "lora", scores,
@@ -875,8 +873,9 @@ def run_lm_track(preset: str, out_dir: Path, *, use_cache: bool = True, task_ite
     # The LoRA controls match the largest fused variant's trainable parameters (counted on an untrained head) and
     # the longest one's optimizer steps.
     head_params = max(head_size(p, dirs, cache, variant_model(p, label), loaded) for label in p.fused_variants)
+    tokenizer = loaded[ANCHOR].tokenizer
     lora_entry = stages.run("LoRA control (same steps): train + score", lora_scores, p, dirs, head_params, cache,
-                            use_cache, "same steps", p.total_steps, texts, task_folder)
+                            use_cache, "same steps", p.total_steps, texts, task_folder, tokenizer)
     merge_entries = stages.run("merges: mergekit + score", merge_scores, dirs, cache, use_cache, p, texts)
     trained = stages.run("fused heads: train (waited for)", heads.result)
     # The second control trains as long as the headline's head did (wall-clock, every stage), at LoRA's own pace. It
@@ -889,7 +888,7 @@ def run_lm_track(preset: str, out_dir: Path, *, use_cache: bool = True, task_ite
 
     longest = max(p.fused_variants, key=lambda label: trained[label][1]["train_seconds"] or 0)
     lora_time = (worker.submit(lora_scores, p, dirs, head_params, cache, use_cache, "same time", time_steps(longest),
-                               texts, task_folder, in_worker) if worker.pool else None)
+                               texts, task_folder, tokenizer, in_worker) if worker.pool else None)
 
     def scored(label: str, head_dir: Path, summary: dict):
         model = FusionModel.from_pretrained(head_dir, backbones=loaded)
@@ -911,7 +910,7 @@ def run_lm_track(preset: str, out_dir: Path, *, use_cache: bool = True, task_ite
     headline = min(p.fused_variants, key=lambda label: fused_entries[label]["validation_bits_per_byte"])
     if lora_time is None or time_steps(headline) != time_steps(longest):
         lora_time = worker.submit(lora_scores, p, dirs, head_params, cache, use_cache, "same time",
-                                  time_steps(headline), texts, task_folder, in_worker)
+                                  time_steps(headline), texts, task_folder, tokenizer, in_worker)
     fused_entries[headline]["headline"] = True
     model = fused_models[headline]
     lora_time_entry = stages.run("LoRA control (same time): train + score (waited for)", lora_time.result)
