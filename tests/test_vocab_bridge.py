@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from fusion_llm.vocab_bridge import VocabBridge, less_next, token_bytes
+from fusion_llm.vocab_bridge import VocabBridge, anchor_twins, less_next, token_bytes
 
 from conftest import NEEDS_TOKENIZERS
 
@@ -34,10 +34,26 @@ def test_token_bytes_spell_the_text(tokenizers, family):
     assert all(table[i] is None for i in tokenizer.all_special_ids)
 
 
+def anchor_cut(anchor, ab, b):
+    """The anchor's first token of its own tokenization of ``b`` after a line break, if its tokens spell ``b``."""
+    try:
+        text = b.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    ids = anchor.encode("\n" + text, add_special_tokens=False)
+    pieces = [ab[i] or b"" for i in ids]
+    for n in range(1, len(pieces)):  # the tokens before n spell the line break (and a dummy space)
+        if b"".join(pieces[:n]).strip(b" ") == b"\n" and b"".join(pieces[n:]) == b:
+            return ids[n]
+    return None
+
+
 def reference(bridge, source, anchor, source_lp, anchor_lp, v):
     """log p(v) of the module docstring, computed by brute force over the vocabularies."""
     sb = token_bytes(source) + [None] * (bridge.source_size - len(source))
     ab = token_bytes(anchor) + [None] * (bridge.anchor_size - len(anchor))
+    hidden = anchor_twins(anchor, ab)  # never emitted for their bytes (another token with the same bytes is)
+    ab = [None if w in hidden else c for w, c in enumerate(ab)]
     top = source_lp.topk(bridge.top_k + 1)
     probs = top.values.double().exp()
     probs = probs[:-1] - probs[-1]  # each of the top-k less the next one down
@@ -50,7 +66,9 @@ def reference(bridge, source, anchor, source_lp, anchor_lp, v):
         if not spelled:
             rest += p
             continue
-        first = max(spelled, key=lambda w: (len(ab[w]), -w))  # the longest; the lowest id among equal bytes
+        first = anchor_cut(anchor, ab, b)
+        if first is None:  # the anchor's own tokens do not spell u: the longest; the lowest id among equal bytes
+            first = max(spelled, key=lambda w: (len(ab[w]), -w))
         extended = [w for w, c in enumerate(ab) if c and c.startswith(b)] if ab[first] == b else []
         if 1 < len(extended) <= bridge.max_extensions:
             total += p * p_anchor[v] / sum(p_anchor[w] for w in extended) if v in extended else 0.0
@@ -99,17 +117,27 @@ def test_the_sorted_and_the_dense_sums_agree(tokenizers, k):
 
 
 @pytest.mark.parametrize("family", ["llama3", "gemma2"])
-def test_a_certain_source_puts_its_mass_where_the_anchor_would_cut(tokenizers, family):
+@pytest.mark.parametrize("word, cut", [(" theory", "▁theory"), (" bishop", "▁b"), (",", ","), (" rebels", "▁reb")])
+def test_a_certain_source_puts_its_mass_where_the_anchor_would_cut(tokenizers, family, word, cut):
+    """Where Mistral's own tokenizer cuts: " bishop" starts with "▁b" ("▁bis" is the longest token it starts with,
+    but BPE does not emit it there), and "," is token 29493, not its byte-fallback twin "<0x2C>" (same bytes)."""
     source, anchor = tokenizers[family], tokenizers["mistral"]
+    assert anchor("a" + word, add_special_tokens=False)["input_ids"][1] == anchor.convert_tokens_to_ids(cut)
     bridge = VocabBridge(source, anchor)
-    u = source.convert_tokens_to_ids(source.tokenize(" theory")[0])
+    (u,) = source(word, add_special_tokens=False)["input_ids"][-1:]
+    assert source.convert_ids_to_tokens(u).replace("Ġ", "▁").lstrip("▁") == word.strip()
     source_lp = torch.full((1, bridge.source_size), -50.0)
     source_lp[0, u] = 0.0
     anchor_lp = torch.full((1, bridge.anchor_size), -float(torch.log(torch.tensor(bridge.anchor_size))))
     mapped = bridge.log_probs(source_lp.log_softmax(-1), anchor_lp).exp()[0]
-    first = anchor.tokenize(" theory")[0]  # the anchor's own first token of these bytes
-    assert mapped[anchor.convert_tokens_to_ids(first)] > 0.9, first
-    assert mapped[anchor.convert_tokens_to_ids("▁cat")] < 1e-6  # nothing agrees with " cat"
+    v = anchor.convert_tokens_to_ids(cut)
+    table = token_bytes(anchor)
+    ways_on = [w for w, b in enumerate(table) if b and b.startswith(table[v])]  # "," may merge with what follows
+    if table[v] != word.encode():  # the anchor cuts inside the source's token: all of it on that cut
+        ways_on = [v]
+    assert mapped[ways_on].sum() > 0.9 and mapped[v] > 0.9 / len(ways_on), cut
+    for other in ("▁cat", "<0x2C>", "▁bis"):  # nothing agrees with " cat"; the anchor never emits the others here
+        assert mapped[anchor.convert_tokens_to_ids(other)] < 1e-6, other
 
 
 def test_near_ties_at_the_edge_of_the_top_k_do_not_move_the_bridged_distribution(tokenizers):

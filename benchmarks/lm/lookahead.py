@@ -8,7 +8,8 @@ When the anchor's token ends inside what would be one source token, that tail is
 (the boundary effect of the stand-in probe). The look-ahead alternative marginalises over where the source's
 token boundary falls: at each tail step ``i``, the source tokens that spell the rest of the tail *and go past the
 prefix's end* (weighted by the probability of the tail's first ``i - 1`` tokens and their own), each placing its
-bytes beyond the prefix on the anchor's first token for them (the bridge's rule); plus the tail route itself,
+mass on the anchor token that starts where the prefix ends in the anchor tokenizer's own cut of its bytes (left out
+where the anchor would not cut there); plus the tail route itself,
 weighted by the probability of the whole tail. Everything here is untrained, mixed log-linearly with the anchor
 at fixed weights, scored on validation rows (nothing is chosen on test rows). Writes ``real_lookahead_probe.json``.
 """
@@ -25,14 +26,16 @@ from benchmarks.store import write_json_atomic
 
 
 class _Placer:
-    """Anchor ids and shares for a byte string, by the bridge's rule (`VocabBridge`): the anchor's first token for
-    those bytes, or, when an anchor token spells them whole and at most 64 extend it, shared among those in
-    proportion to the anchor's own probabilities."""
+    """Anchor ids and shares for a byte string, by the bridge's fallback rule (`VocabBridge`): the longest anchor
+    token those bytes start with, or, when an anchor token spells them whole and at most 64 extend it, shared among
+    those in proportion to the anchor's own probabilities. ``cuts``: per source token, how the anchor's tokenizer
+    cuts its bytes (`fusion_llm.vocab_bridge.anchor_cuts`), used first: a source token's mass beyond the prefix goes
+    to the anchor token starting where the prefix ends, if the anchor would cut there at all."""
 
     def __init__(self, anchor_bytes: list):
         from fusion_llm.vocab_bridge import AnchorIndex
 
-        self.bytes, self.anchors = anchor_bytes, AnchorIndex(anchor_bytes)
+        self.bytes, self.anchors, self.cuts = anchor_bytes, AnchorIndex(anchor_bytes), None
 
     def __call__(self, r: bytes, anchor_log_probs: torch.Tensor) -> list[tuple[int, float]]:
         v = self.anchors.first(r)
@@ -58,9 +61,13 @@ def _lookahead(log_probs, tail_route, q, settled, ids, source_bytes, place, anch
         for lp, w in zip(top.tolist(), top_ids.tolist()):
             b = source_bytes[w]
             if b and len(b) > len(rest) and b.startswith(rest):
+                cut = place.cuts[w]  # how the anchor's own tokenizer cuts u's bytes
+                if cut is not None and len(rest) not in cut:  # it would not have cut the prefix here: no way on
+                    continue
                 mass = math.exp(log_path + lp)
                 beyond += mass
-                for c, share in place(b[len(rest):], anchor_lp):
+                spots = [(cut[len(rest)], 1.0)] if cut is not None else place(b[len(rest):], anchor_lp)
+                for c, share in spots:
                     extra[c] = extra.get(c, 0.0) + mass * share
         log_path += float(log_probs[before[i], ids[q[i]]])
     whole = math.exp(log_path)
@@ -79,7 +86,7 @@ def lookahead_probe(out_dir: Path, texts: dict[str, list[str]], configs: dict, *
     from fusion_llm.alignment import align_batch, tail_attention_mask
     from fusion_llm.data.pipeline import LMCollator
     from fusion_llm.modeling import FusionModel
-    from fusion_llm.vocab_bridge import bridge_for, token_bytes
+    from fusion_llm.vocab_bridge import anchor_cuts, bridge_for, token_bytes
 
     val_rows = len(next(iter(texts.values())))
     out = {"val_rows": val_rows, "weights": list(weights), "top_k": k, "anchors": {},
@@ -91,6 +98,7 @@ def lookahead_probe(out_dir: Path, texts: dict[str, list[str]], configs: dict, *
         bridge = bridge_for(source, anchor)
         source_bytes = token_bytes(source.tokenizer) + [None] * source.lm_head.weight.shape[0]
         place = _Placer(token_bytes(anchor.tokenizer) + [None] * anchor.lm_head.weight.shape[0])
+        place.cuts = anchor_cuts(anchor.tokenizer, place.bytes, source_bytes)
         collate = LMCollator(anchor.name, {n: b.tokenizer.pad_token_id for n, b in model.backbones.items()})
         nll = {"anchor": {}, **{f"{route}@{w}": {} for route in ("tail", "lookahead") for w in weights}}
         beyond, positions = 0.0, 0
