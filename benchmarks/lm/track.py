@@ -823,6 +823,15 @@ def schedules(preset: LMPreset) -> str:
                else ""))
 
 
+def warm_bridges(loaded: dict) -> None:
+    """Build each member's `VocabBridge` onto the anchor once, which keeps its tables on disk (`bridge_for`)."""
+    from fusion_llm.vocab_bridge import bridge_for
+
+    for name, backbone in loaded.items():
+        if name != ANCHOR:
+            bridge_for(backbone, loaded[ANCHOR])
+
+
 def run_lm_track(preset: str, out_dir: Path, *, use_cache: bool = True, task_items: int | None = None,
                  log=print, workers: int = 1) -> dict:
     """Run the LM track with preset ``micro``, ``quick`` or ``full``; results into ``out_dir``. ``task_items``: items
@@ -870,6 +879,10 @@ def run_lm_track(preset: str, out_dir: Path, *, use_cache: bool = True, task_ite
     heads = worker.submit(train_variants, p, dirs, cache, use_cache, list(p.fused_variants),
                           None if in_worker else log, in_worker)
     loaded, entries = stages.run("backbones alone", alone_all)
+    if any(variant_model(p, label)["head"].get("source_predictions") for label in p.fused_variants):
+        # the vocabulary bridges' tables (~15 s from three tokenizers) go to the disk cache here, while the worker
+        # still trains the hidden-state head: its route stage then reads them
+        stages.run("vocabulary bridges (kept on disk)", warm_bridges, loaded)
     # The LoRA controls match the largest fused variant's trainable parameters (counted on an untrained head) and
     # the longest one's optimizer steps.
     head_params = max(head_size(p, dirs, cache, variant_model(p, label), loaded) for label in p.fused_variants)
