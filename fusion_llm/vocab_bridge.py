@@ -9,9 +9,14 @@ the anchor's tokenizer would put those bytes:
   bytes, `anchor_first_tokens`; not simply the longest anchor token they start with)
   when that token is shorter than ``u``: the anchor would emit it and go on with the rest;
 - when an anchor token spells ``u`` whole, the anchor might also merge ``u`` with what follows into a longer
-  token: ``P_src(u)`` is shared among the anchor tokens that start with ``bytes(u)`` (that one included), in
-  proportion to the anchor's own distribution over them (at most ``max_extensions`` of them; otherwise it
-  all goes to the token that spells ``u``);
+  token ``w``, but only where the source's own tokenizer would start ``bytes(w)`` with ``u`` too (otherwise the
+  source would have predicted another token for those bytes: Llama-3 predicting " the" has *not* put that mass
+  on " them", which it spells as one token): ``P_src(u)`` is shared among those anchor tokens (the one that
+  spells ``u`` included), in proportion to the anchor's own distribution over them (at most ``max_extensions``
+  of them; otherwise it all goes to the token that spells ``u``). Sharing with every anchor token that starts
+  with ``bytes(u)`` let the anchor's own beliefs take back most of what the source knew: the stand-in probe
+  (`benchmarks/lm/lookahead.py`) carried 61% of Llama-3's lead on Shakespeare and 31% of Gemma-2's on prose that
+  way, 81% and 69% this way;
 - the mass outside the top-k is spread like the anchor's distribution: ``rest * P_anchor(v)``.
 
 So ``p`` is a distribution over the anchor's vocabulary (it sums to one), and most anchor tokens get only the
@@ -194,13 +199,13 @@ class VocabBridge:
         max_extensions: a source token spelled whole by an anchor token that more than this many anchor tokens
             extend gives all its mass to that anchor token instead of sharing it among the extensions.
         min_rest: floor of ``rest`` (keeps the correction finite when the top-k hold all the mass).
-        first: `anchor_first_tokens` of the source's token bytes, when already known (`bridge_for` keeps them on
-            disk: tokenizing a 262k vocabulary takes ~9 s).
+        tables: ``{"first": anchor_first_tokens(anchor, source bytes), "back": anchor_first_tokens(source, anchor
+            bytes)}`` when already known (`bridge_for` keeps them on disk: tokenizing a 262k vocabulary takes ~9 s).
     """
 
     def __init__(self, source_tokenizer, anchor_tokenizer, source_size: int | None = None,
                  anchor_size: int | None = None, top_k: int = 256, max_extensions: int = 64,
-                 min_rest: float = 1e-4, first: list[int | None] | None = None):
+                 min_rest: float = 1e-4, tables: dict[str, list] | None = None):
         src = token_bytes(source_tokenizer)
         anc = token_bytes(anchor_tokenizer)
         src += [None] * max(0, (source_size or 0) - len(src))
@@ -209,12 +214,16 @@ class VocabBridge:
         self.top_k, self.min_rest, self.max_extensions = top_k, min_rest, max_extensions
         hidden = anchor_twins(anchor_tokenizer, anc)
         anchors = AnchorIndex([None if v in hidden else b for v, b in enumerate(anc)])
-        cut = anchor_first_tokens(anchor_tokenizer, anc, src, anchors) if first is None else first
-        self.first_tokens = cut  # per source token the anchor's first token for its bytes (None: none)
+        tables = tables or {}
+        cut = tables.get("first") or anchor_first_tokens(anchor_tokenizer, anc, src, anchors)
+        back = tables.get("back") or anchor_first_tokens(source_tokenizer, src, anc)
+        # per source token the anchor's first token for its bytes; per anchor token the source's (None: none)
+        self.tables = {"first": cut, "back": back}
         first, extensions = [], []
-        for b, v in zip(src, cut):
+        for u, (b, v) in enumerate(zip(src, cut)):
             first.append(self.anchor_size if v is None else v)
             longer = anchors.extensions(b) if v is not None and anc[v] == b else []
+            longer = [w for w in longer if w == v or back[w] == u]  # the source too would start w's bytes with u
             extensions.append(longer if 1 < len(longer) <= max_extensions else [])
         self.first_anchor = torch.tensor(first, dtype=torch.long)  # (V_src,), anchor_size = none
         # Each source token's extensions (the anchor tokens that share its mass, its own spelling included), in
@@ -388,6 +397,8 @@ def top_log_probs(backbone, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor,
 
 
 _BRIDGES: dict[tuple, VocabBridge] = {}
+import os
+_EXT_RULE = os.environ.get("EXT_RULE") == "1"
 _CUTS_VERSION = 2  # of `anchor_cuts`' rule (`_SENTINEL`): a bump recomputes the tables kept on disk
 
 
@@ -403,16 +414,17 @@ def bridge_for(source, anchor) -> VocabBridge:
         stored = None
         if key[0] and key[1]:
             stored = cache_dir() / "bridges" / f"{key[0]}-{key[1]}-{sizes[0]}-{sizes[1]}-v{_CUTS_VERSION}.json"
-        first = None
+        tables = None
         if stored is not None and stored.is_file():
             try:
-                first = json.loads(stored.read_text())
+                tables = json.loads(stored.read_text())
             except ValueError:  # a damaged file: computed again and rewritten
-                first = None
-            if not isinstance(first, list) or len(first) != sizes[0]:
-                first = None
-        bridge = VocabBridge(source.tokenizer, anchor.tokenizer, *sizes, first=first)
-        if stored is not None and first is None:
-            write_atomic(stored, json.dumps(bridge.first_tokens))
+                tables = None
+            if not (isinstance(tables, dict) and len(tables.get("first") or ()) == sizes[0]
+                    and len(tables.get("back") or ()) == sizes[1]):
+                tables = None
+        bridge = VocabBridge(source.tokenizer, anchor.tokenizer, *sizes, tables=tables)
+        if stored is not None and tables is None:
+            write_atomic(stored, json.dumps(bridge.tables))
         _BRIDGES[key] = bridge
     return _BRIDGES[key]

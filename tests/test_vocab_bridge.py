@@ -35,7 +35,8 @@ def test_token_bytes_spell_the_text(tokenizers, family):
 
 
 def anchor_cut(anchor, ab, b):
-    """The anchor's first token of its own tokenization of ``b`` after a line break, if its tokens spell ``b``."""
+    """A tokenizer's first token of its own tokenization of ``b`` after a line break, if its tokens spell ``b``
+    (``ab``: its token bytes)."""
     try:
         text = b.decode("utf-8")
     except UnicodeDecodeError:
@@ -54,6 +55,14 @@ def reference(bridge, source, anchor, source_lp, anchor_lp, v):
     ab = token_bytes(anchor) + [None] * (bridge.anchor_size - len(anchor))
     hidden = anchor_twins(anchor, ab)  # never emitted for their bytes (another token with the same bytes is)
     ab = [None if w in hidden else c for w, c in enumerate(ab)]
+
+    def source_first(w):  # the source's first token for anchor token w's bytes
+        cut = anchor_cut(source, sb, ab[w])
+        if cut is None:
+            spelled = [x for x, c in enumerate(sb) if c and ab[w].startswith(c)]
+            cut = max(spelled, key=lambda x: (len(sb[x]), -x)) if spelled else None
+        return cut
+
     top = source_lp.topk(bridge.top_k + 1)
     probs = top.values.double().exp()
     probs = probs[:-1] - probs[-1]  # each of the top-k less the next one down
@@ -70,6 +79,7 @@ def reference(bridge, source, anchor, source_lp, anchor_lp, v):
         if first is None:  # the anchor's own tokens do not spell u: the longest; the lowest id among equal bytes
             first = max(spelled, key=lambda w: (len(ab[w]), -w))
         extended = [w for w, c in enumerate(ab) if c and c.startswith(b)] if ab[first] == b else []
+        extended = [w for w in extended if w == first or source_first(w) == u]  # the source would start w with u
         if 1 < len(extended) <= bridge.max_extensions:
             total += p * p_anchor[v] / sum(p_anchor[w] for w in extended) if v in extended else 0.0
         elif v == first:
@@ -116,27 +126,33 @@ def test_the_sorted_and_the_dense_sums_agree(tokenizers, k):
     torch.testing.assert_close(sorted_values, dense_values, rtol=1e-5, atol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def mistral_bridges():
+    """Bridges onto Mistral, built once per module (a 262k-token source takes ~10 s)."""
+    return {}
+
+
 @pytest.mark.parametrize("family", ["llama3", "gemma2"])
-@pytest.mark.parametrize("word, cut", [(" theory", "▁theory"), (" bishop", "▁b"), (",", ","), (" rebels", "▁reb")])
-def test_a_certain_source_puts_its_mass_where_the_anchor_would_cut(tokenizers, family, word, cut):
+@pytest.mark.parametrize("word, cut", [(" theory", "▁theory"), (" bishop", "▁b"), (",", ","), (" rebels", "▁reb"),
+                                       (" the", "▁the")])
+def test_a_certain_source_puts_its_mass_where_the_anchor_would_cut(tokenizers, mistral_bridges, family, word, cut):
     """Where Mistral's own tokenizer cuts: " bishop" starts with "▁b" ("▁bis" is the longest token it starts with,
-    but BPE does not emit it there), and "," is token 29493, not its byte-fallback twin "<0x2C>" (same bytes)."""
+    but BPE does not emit it there), "," is token 29493, not its byte-fallback twin "<0x2C>" (same bytes), and a
+    source sure of " the" says the word is not " them" or " there" (it spells those as one token itself)."""
     source, anchor = tokenizers[family], tokenizers["mistral"]
     assert anchor("a" + word, add_special_tokens=False)["input_ids"][1] == anchor.convert_tokens_to_ids(cut)
-    bridge = VocabBridge(source, anchor)
+    if family not in mistral_bridges:
+        mistral_bridges[family] = VocabBridge(source, anchor)
+    bridge = mistral_bridges[family]
     (u,) = source(word, add_special_tokens=False)["input_ids"][-1:]
     assert source.convert_ids_to_tokens(u).replace("Ġ", "▁").lstrip("▁") == word.strip()
     source_lp = torch.full((1, bridge.source_size), -50.0)
     source_lp[0, u] = 0.0
     anchor_lp = torch.full((1, bridge.anchor_size), -float(torch.log(torch.tensor(bridge.anchor_size))))
     mapped = bridge.log_probs(source_lp.log_softmax(-1), anchor_lp).exp()[0]
-    v = anchor.convert_tokens_to_ids(cut)
-    table = token_bytes(anchor)
-    ways_on = [w for w, b in enumerate(table) if b and b.startswith(table[v])]  # "," may merge with what follows
-    if table[v] != word.encode():  # the anchor cuts inside the source's token: all of it on that cut
-        ways_on = [v]
-    assert mapped[ways_on].sum() > 0.9 and mapped[v] > 0.9 / len(ways_on), cut
-    for other in ("▁cat", "<0x2C>", "▁bis"):  # nothing agrees with " cat"; the anchor never emits the others here
+    # "," may still merge with a line end the source does not spell ("\r"): shared by the anchor's (flat) belief
+    assert mapped[anchor.convert_tokens_to_ids(cut)] > (0.45 if word == "," else 0.9), cut
+    for other in ("▁cat", "<0x2C>", "▁bis", "▁them", "▁there"):  # " cat" disagrees; the anchor never emits the rest
         assert mapped[anchor.convert_tokens_to_ids(other)] < 1e-6, other
 
 
