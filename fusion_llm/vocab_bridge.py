@@ -15,8 +15,8 @@ the anchor's tokenizer would put those bytes:
   spells ``u`` included), in proportion to the anchor's own distribution over them (at most ``max_extensions``
   of them; otherwise it all goes to the token that spells ``u``). Sharing with every anchor token that starts
   with ``bytes(u)`` let the anchor's own beliefs take back most of what the source knew: the stand-in probe
-  (`benchmarks/lm/lookahead.py`) carried 61% of Llama-3's lead on Shakespeare and 31% of Gemma-2's on prose that
-  way, 81% and 69% this way;
+  (`benchmarks/lm/lookahead.py`) carried 61% of Llama-3's lead on Shakespeare and 32% of Gemma-2's on prose that
+  way, 80% and 70% this way;
 - the mass outside the top-k is spread like the anchor's distribution: ``rest * P_anchor(v)``.
 
 So ``p`` is a distribution over the anchor's vocabulary (it sums to one), and most anchor tokens get only the
