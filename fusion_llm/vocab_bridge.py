@@ -118,7 +118,7 @@ class AnchorIndex:
         return self.order[bisect.bisect_left(self.keys, b):bisect.bisect_left(self.keys, b + self.top)]
 
 
-#: What `anchor_first_tokens` writes before a source token's text, so that the anchor tokenizes it as it would
+#: What `anchor_cuts` writes before a source token's text, so that the anchor tokenizes it as it would
 #: after a line break (no SentencePiece dummy space glued to its first word, no merge with what went before).
 _SENTINEL = "\n"
 
@@ -178,13 +178,12 @@ def anchor_twins(anchor_tokenizer, anchor_bytes: list[bytes | None]) -> set[int]
 
 
 def anchor_first_tokens(anchor_tokenizer, anchor_bytes: list[bytes | None], byte_strings: list[bytes | None],
-                        index: AnchorIndex | None = None,
-                        cuts: list[dict[int, int] | None] | None = None) -> list[int | None]:
+                        index: AnchorIndex | None = None) -> list[int | None]:
     """Per byte string, the anchor token its own tokenizer starts those bytes with (`anchor_cuts`); where the
     anchor's tokens do not spell the string (a sentinel merged, bytes that are not UTF-8), the longest anchor token
     the string starts with; ``None``: no anchor token spells its start."""
     index = index or AnchorIndex(anchor_bytes)
-    cuts = anchor_cuts(anchor_tokenizer, anchor_bytes, byte_strings) if cuts is None else cuts
+    cuts = anchor_cuts(anchor_tokenizer, anchor_bytes, byte_strings)
     return [c[0] if c else index.first(b) if b else None for b, c in zip(byte_strings, cuts)]
 
 
@@ -397,23 +396,21 @@ def top_log_probs(backbone, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor,
 
 
 _BRIDGES: dict[tuple, VocabBridge] = {}
-import os
-_EXT_RULE = os.environ.get("EXT_RULE") == "1"
-_CUTS_VERSION = 2  # of `anchor_cuts`' rule (`_SENTINEL`): a bump recomputes the tables kept on disk
+_TABLES_VERSION = 3  # of `VocabBridge.tables` and their rules (`anchor_cuts`): a bump recomputes those kept on disk
 
 
 def bridge_for(source, anchor) -> VocabBridge:
     """The `VocabBridge` of two `FrozenBackbone` objects, built once per process (a few seconds). Its tables do not
-    depend on how many source tokens a caller carries (`sparse_correction` takes a top-k of any k). The anchor's
-    first tokens (`anchor_first_tokens`) are kept in ``$FUSION_LLM_CACHE/bridges``, by both tokenizers'
-    fingerprints and sizes."""
+    depend on how many source tokens a caller carries (`sparse_correction` takes a top-k of any k). Its two
+    tokenizer tables (`VocabBridge.tables`, ~15 s for a 262k vocabulary) are kept in
+    ``$FUSION_LLM_CACHE/bridges``, by both tokenizers' fingerprints and sizes."""
     key = (source.fingerprint.get("tokenizer"), anchor.fingerprint.get("tokenizer"), id(source.tokenizer),
            id(anchor.tokenizer))
     if key not in _BRIDGES:
         sizes = source.lm_head.weight.shape[0], anchor.lm_head.weight.shape[0]
         stored = None
         if key[0] and key[1]:
-            stored = cache_dir() / "bridges" / f"{key[0]}-{key[1]}-{sizes[0]}-{sizes[1]}-v{_CUTS_VERSION}.json"
+            stored = cache_dir() / "bridges" / f"{key[0]}-{key[1]}-{sizes[0]}-{sizes[1]}-v{_TABLES_VERSION}.json"
         tables = None
         if stored is not None and stored.is_file():
             try:
