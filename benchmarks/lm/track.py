@@ -78,7 +78,9 @@ class LMPreset:
             on these stand-ins (the members' output layers over 32k-262k vocabularies dwarf their 4-layer bodies;
             0.44 s without), so the routes join for the last steps only. Chosen on the validation rows (quick, 40
             steps, 12 rows per domain, mixture bits/byte): the mixer alone at 1e-3 / 3e-3 / 1e-2 / 3e-2: 2.928 /
-            2.878 / 2.885 / 2.888; mixer and residual at 3e-3: 2.862; the whole head at 3e-3: 2.856.
+            2.878 / 2.885 / 2.888; mixer and residual at 3e-3: 2.862; the whole head at 3e-3: 2.856. Chosen again
+            after the bridge's fixes of 2026-12-08 (the whole head, 40 steps, all 24 validation rows per domain,
+            mixture): 3e-3 / 6e-3 / 1e-2 / 2e-2: 2.8066 / 2.8043 / 2.7986 / 2.8774.
         route_top_k: source tokens each member's route carries (``head.source_top_k`` of the route variant;
             ``micro``, a smoke run, carries 256).
     """
@@ -95,7 +97,7 @@ class LMPreset:
     gen_tokens: int
     fused_variants: tuple = ("concat head, hidden states", "concat head + source predictions")
     mixer_steps: int = 40
-    mixer_lr: float = 3e-3
+    mixer_lr: float = 1e-2
     route_top_k: int = 4096
     head_lr: float = 1e-2
     lora_lr: float = 5e-3
