@@ -1,6 +1,7 @@
 """Source predictions carried onto the anchor's vocabulary (`fusion_llm.vocab_bridge`): token bytes of the four
 real tokenizers, the bridge against a brute-force computation of its definition, and what a certain source says."""
 
+import json
 import random
 
 import pytest
@@ -229,3 +230,35 @@ def test_chunked_top_log_probs_equal_the_full_logits_path(softcap):
     with torch.no_grad():  # scoring: no gradient work, the same values
         top, _, _ = top_log_probs(types.SimpleNamespace(lm_head=plain, final_norm=norm, logit_softcap=softcap), x, k)
     torch.testing.assert_close(top, out["full"][0], rtol=1e-4, atol=1e-5)
+
+
+def test_bridge_tables_kept_on_disk_are_read_back_and_a_damaged_file_is_rebuilt(tokenizers, tmp_path, monkeypatch):
+    """`bridge_for` keeps a pair's tokenizer tables in ``$FUSION_LLM_CACHE/bridges``: a second process reads them
+    and builds the same bridge; a damaged file is computed again and rewritten whole."""
+    from types import SimpleNamespace
+
+    from fusion_llm import vocab_bridge
+
+    monkeypatch.setenv("FUSION_LLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(vocab_bridge, "_BRIDGES", {})
+
+    def member(family, fingerprint):
+        tok = tokenizers[family]
+        return SimpleNamespace(tokenizer=tok, fingerprint={"tokenizer": fingerprint},
+                               lm_head=SimpleNamespace(weight=torch.empty(len(tok), 0)))
+
+    source, anchor = member("phi3", "p" * 16), member("mistral", "m" * 16)
+    built = vocab_bridge.bridge_for(source, anchor)
+    (stored,) = (tmp_path / "bridges").iterdir()
+    monkeypatch.setattr(vocab_bridge, "_BRIDGES", {})  # a new process
+    monkeypatch.setattr(vocab_bridge, "anchor_first_tokens", None)  # it must not tokenize again
+    read = vocab_bridge.bridge_for(source, anchor)
+    assert torch.equal(read.first_anchor, built.first_anchor)
+    assert torch.equal(read.extension_ids, built.extension_ids)
+    monkeypatch.undo()
+    monkeypatch.setenv("FUSION_LLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(vocab_bridge, "_BRIDGES", {})
+    stored.write_text(stored.read_text()[:1000])  # cut short
+    again = vocab_bridge.bridge_for(source, anchor)
+    assert torch.equal(again.first_anchor, built.first_anchor)
+    assert json.loads(stored.read_text()) == built.tables
