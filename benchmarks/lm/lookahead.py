@@ -32,10 +32,11 @@ class _Placer:
     cuts its bytes (`fusion_llm.vocab_bridge.anchor_cuts`), used first: a source token's mass beyond the prefix goes
     to the anchor token starting where the prefix ends, if the anchor would cut there at all."""
 
-    def __init__(self, anchor_bytes: list):
-        from fusion_llm.vocab_bridge import AnchorIndex
+    def __init__(self, anchor_tokenizer, anchor_bytes: list, source_bytes: list):
+        from fusion_llm.vocab_bridge import AnchorIndex, anchor_cuts
 
-        self.bytes, self.anchors, self.cuts = anchor_bytes, AnchorIndex(anchor_bytes), None
+        self.bytes, self.anchors = anchor_bytes, AnchorIndex(anchor_bytes)
+        self.cuts = anchor_cuts(anchor_tokenizer, anchor_bytes, source_bytes)
 
     def __call__(self, r: bytes, anchor_log_probs: torch.Tensor) -> list[tuple[int, float]]:
         v = self.anchors.first(r)
@@ -86,7 +87,7 @@ def lookahead_probe(out_dir: Path, texts: dict[str, list[str]], configs: dict, *
     from fusion_llm.alignment import align_batch, tail_attention_mask
     from fusion_llm.data.pipeline import LMCollator
     from fusion_llm.modeling import FusionModel
-    from fusion_llm.vocab_bridge import anchor_cuts, bridge_for, token_bytes
+    from fusion_llm.vocab_bridge import bridge_for, token_bytes
 
     val_rows = len(next(iter(texts.values())))
     out = {"val_rows": val_rows, "weights": list(weights), "top_k": k, "anchors": {},
@@ -97,8 +98,8 @@ def lookahead_probe(out_dir: Path, texts: dict[str, list[str]], configs: dict, *
         (source_name, source), = [(n, b) for n, b in model.backbones.items() if n != anchor.name]
         bridge = bridge_for(source, anchor)
         source_bytes = token_bytes(source.tokenizer) + [None] * source.lm_head.weight.shape[0]
-        place = _Placer(token_bytes(anchor.tokenizer) + [None] * anchor.lm_head.weight.shape[0])
-        place.cuts = anchor_cuts(anchor.tokenizer, place.bytes, source_bytes)
+        place = _Placer(anchor.tokenizer, token_bytes(anchor.tokenizer) + [None] * anchor.lm_head.weight.shape[0],
+                        source_bytes)
         collate = LMCollator(anchor.name, {n: b.tokenizer.pad_token_id for n, b in model.backbones.items()})
         nll = {"anchor": {}, **{f"{route}@{w}": {} for route in ("tail", "lookahead") for w in weights}}
         beyond, positions = 0.0, 0
